@@ -1,0 +1,421 @@
+//! Pipeline files: parsing, `${VAR}` interpolation and validation, with errors
+//! that name the file, line and column of what is wrong.
+
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::fmt;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use toml::Spanned;
+
+use crate::event::Entity;
+use crate::plugin::StageLimits;
+
+/// A problem in a pipeline file, at a place in it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ConfigError {
+    pub file: PathBuf,
+    /// 1-based; 0 when the problem has no single place (an unreadable file).
+    pub line: usize,
+    pub column: usize,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.line == 0 {
+            write!(f, "{}: {}", self.file.display(), self.message)
+        } else {
+            write!(f, "{}:{}:{}: {}", self.file.display(), self.line, self.column, self.message)
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OnError {
+    /// The events the stage failed on go to the dead-letter store; the rest go on.
+    DeadLetter,
+    /// The events the stage failed on go on as if the stage were not there.
+    Skip,
+    /// The run stops; nothing after the failing batch is checkpointed.
+    Halt,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Pipeline {
+    pub file: PathBuf,
+    pub name: String,
+    pub source_region: String,
+    pub targets: Vec<String>,
+    pub batch_size: usize,
+    pub regions: BTreeMap<String, Region>,
+    pub source: Source,
+    pub stages: Vec<Stage>,
+    pub apply: Apply,
+    pub state_dir: PathBuf,
+}
+
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Region {
+    pub endpoint_url: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Source {
+    /// JSON lines, one record each (replays, tests, examples).
+    File {
+        path: PathBuf,
+    },
+    DynamodbStream {
+        table: String,
+    },
+    Mqtt {
+        topics: Vec<String>,
+    },
+    Scan,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Stage {
+    pub name: String,
+    pub plugin: PathBuf,
+    /// The stage's `config` table as JSON, what the plug-in's `init` receives.
+    pub config_json: String,
+    pub limits: StageLimits,
+    pub on_error: OnError,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Apply {
+    /// Entities that are applied to the targets; the others are dropped after the stages.
+    pub replicate: Vec<Entity>,
+    pub global_registry_table: Option<String>,
+}
+
+// ---- the file as written -------------------------------------------------
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFile {
+    pipeline: RawPipeline,
+    #[serde(default)]
+    regions: BTreeMap<Spanned<String>, RawRegion>,
+    source: Spanned<RawSource>,
+    #[serde(default)]
+    stage: Vec<RawStage>,
+    #[serde(default)]
+    apply: RawApply,
+    #[serde(default)]
+    state: RawState,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPipeline {
+    name: String,
+    source_region: Spanned<String>,
+    targets: Spanned<Vec<Spanned<String>>>,
+    batch_size: Option<Spanned<i64>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawRegion {
+    endpoint_url: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case", deny_unknown_fields)]
+enum RawSource {
+    File { path: String },
+    DynamodbStream { table: String },
+    Mqtt { topics: Vec<String> },
+    Scan {},
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawStage {
+    name: Spanned<String>,
+    plugin: Spanned<String>,
+    #[serde(default)]
+    config: Option<toml::Table>,
+    #[serde(default)]
+    limits: Option<Spanned<RawLimits>>,
+    #[serde(default = "default_on_error")]
+    on_error: OnError,
+}
+
+fn default_on_error() -> OnError {
+    OnError::DeadLetter
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLimits {
+    memory_mb: Option<i64>,
+    timeout_ms: Option<i64>,
+    batches_per_instance: Option<i64>,
+    retries: Option<i64>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawApply {
+    replicate: Option<Spanned<Vec<Spanned<String>>>>,
+    global_registry_table: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawState {
+    dir: Option<String>,
+}
+
+/// The names `apply.replicate` accepts, and the entities each covers.
+pub const REPLICATE_KINDS: [(&str, &[Entity]); 7] = [
+    ("things", &[Entity::Thing, Entity::ThingTypeAssociation]),
+    ("thing-types", &[Entity::ThingType]),
+    ("thing-groups", &[Entity::ThingGroup, Entity::ThingGroupMembership, Entity::ThingGroupHierarchy]),
+    ("billing-groups", &[Entity::BillingGroup, Entity::BillingGroupMembership]),
+    ("certificates", &[Entity::Certificate]),
+    ("policies", &[Entity::Policy]),
+    ("shadows", &[Entity::Shadow]),
+];
+
+impl Pipeline {
+    /// Reads, interpolates and validates a pipeline file. Relative paths in it
+    /// are relative to the file's folder.
+    pub fn load(file: &Path) -> Result<Pipeline, ConfigError> {
+        let text = std::fs::read_to_string(file).map_err(|e| ConfigError {
+            file: file.to_path_buf(),
+            line: 0,
+            column: 0,
+            message: format!("cannot read: {e}"),
+        })?;
+        Pipeline::parse(file, &text, &|name| std::env::var(name).ok())
+    }
+
+    /// Parses `text` as if read from `file`; `env` resolves `${VAR}`.
+    pub fn parse(file: &Path, text: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Pipeline, ConfigError> {
+        let at = |span: Range<usize>, message: String| {
+            let (line, column) = line_column(text, span.start);
+            ConfigError { file: file.to_path_buf(), line, column, message }
+        };
+        let text = interpolate(text, env).map_err(|(offset, message)| at(offset..offset, message))?;
+        let raw: RawFile = toml::from_str(&text).map_err(|e| at(e.span().unwrap_or(0..0), e.message().to_string()))?;
+        let base = file.parent().unwrap_or(Path::new("."));
+
+        let source_region = raw.pipeline.source_region.get_ref().clone();
+        check_region(&source_region).map_err(|m| at(raw.pipeline.source_region.span(), m))?;
+        if raw.pipeline.targets.get_ref().is_empty() {
+            return Err(at(raw.pipeline.targets.span(), "`targets` needs at least one region".into()));
+        }
+        let mut targets = Vec::new();
+        for target in raw.pipeline.targets.get_ref() {
+            check_region(target.get_ref()).map_err(|m| at(target.span(), m))?;
+            if *target.get_ref() == source_region {
+                return Err(at(target.span(), format!("target {source_region} is the source region")));
+            }
+            if targets.contains(target.get_ref()) {
+                return Err(at(target.span(), format!("target {} is listed twice", target.get_ref())));
+            }
+            targets.push(target.get_ref().clone());
+        }
+        let batch_size = match raw.pipeline.batch_size {
+            None => 256,
+            Some(size) if (1..=65_536).contains(size.get_ref()) => *size.get_ref() as usize,
+            Some(size) => {
+                return Err(at(size.span(), format!("batch_size {} is out of range 1..=65536", size.get_ref())));
+            }
+        };
+
+        let mut regions = BTreeMap::new();
+        for (name, region) in raw.regions {
+            check_region(name.get_ref()).map_err(|m| at(name.span(), m))?;
+            regions.insert(name.into_inner(), Region { endpoint_url: region.endpoint_url });
+        }
+
+        let source_span = raw.source.span();
+        let source = match raw.source.into_inner() {
+            RawSource::File { path } => {
+                let resolved = base.join(&path);
+                if !resolved.is_file() {
+                    return Err(at(source_span, format!("source file not found: {}", resolved.display())));
+                }
+                Source::File { path: resolved }
+            }
+            RawSource::DynamodbStream { table } => Source::DynamodbStream { table },
+            RawSource::Mqtt { topics } => Source::Mqtt { topics },
+            RawSource::Scan {} => Source::Scan,
+        };
+
+        let mut stages: Vec<Stage> = Vec::new();
+        for stage in raw.stage {
+            let name = stage.name.get_ref();
+            if name.is_empty() {
+                return Err(at(stage.name.span(), "a stage name cannot be empty".into()));
+            }
+            if stages.iter().any(|s| &s.name == name) {
+                return Err(at(stage.name.span(), format!("duplicate stage name `{name}`")));
+            }
+            let plugin = base.join(stage.plugin.get_ref());
+            if !plugin.is_file() {
+                return Err(at(
+                    stage.plugin.span(),
+                    format!(
+                        "plug-in file not found: {} (the bundled plug-ins are built by scripts/build-plugins.sh)",
+                        plugin.display()
+                    ),
+                ));
+            }
+            let limits = match stage.limits {
+                None => StageLimits::default(),
+                Some(limits) => stage_limits(limits.get_ref()).map_err(|m| at(limits.span(), m))?,
+            };
+            let config_json = serde_json::to_string(&stage.config.unwrap_or_default()).expect("TOML values are JSON");
+            stages.push(Stage { name: name.clone(), plugin, config_json, limits, on_error: stage.on_error });
+        }
+
+        let replicate = match raw.apply.replicate {
+            None => Entity::ALL.to_vec(),
+            Some(kinds) => {
+                let mut entities = Vec::new();
+                for kind in kinds.get_ref() {
+                    let covered = REPLICATE_KINDS.iter().find(|(name, _)| name == kind.get_ref()).ok_or_else(|| {
+                        let known: Vec<&str> = REPLICATE_KINDS.iter().map(|(n, _)| *n).collect();
+                        at(kind.span(), format!("unknown kind `{}` (known: {})", kind.get_ref(), known.join(", ")))
+                    })?;
+                    entities.extend_from_slice(covered.1);
+                }
+                entities
+            }
+        };
+
+        Ok(Pipeline {
+            file: file.to_path_buf(),
+            name: raw.pipeline.name,
+            source_region,
+            targets,
+            batch_size,
+            regions,
+            source,
+            stages,
+            apply: Apply { replicate, global_registry_table: raw.apply.global_registry_table },
+            state_dir: base.join(raw.state.dir.as_deref().unwrap_or(".iotdr-state")),
+        })
+    }
+}
+
+fn stage_limits(raw: &RawLimits) -> Result<StageLimits, String> {
+    let defaults = StageLimits::default();
+    let bounded = |value: Option<i64>, name: &str, range: Range<i64>| -> Result<Option<i64>, String> {
+        match value {
+            Some(v) if !range.contains(&v) => {
+                Err(format!("limits.{name} = {v} is out of range {}..={}", range.start, range.end - 1))
+            }
+            other => Ok(other),
+        }
+    };
+    Ok(StageLimits {
+        memory_bytes: bounded(raw.memory_mb, "memory_mb", 1..4097)?
+            .map_or(defaults.memory_bytes, |mb| (mb as usize) << 20),
+        timeout: bounded(raw.timeout_ms, "timeout_ms", 1..600_001)?
+            .map_or(defaults.timeout, |ms| Duration::from_millis(ms as u64)),
+        batches_per_instance: bounded(raw.batches_per_instance, "batches_per_instance", 1..1_000_001)?
+            .map_or(defaults.batches_per_instance, |n| n as u32),
+        retries: bounded(raw.retries, "retries", 0..11)?.map_or(defaults.retries, |n| n as u32),
+    })
+}
+
+/// AWS region names: lowercase words and a number (`eu-west-1`, `us-gov-west-1`).
+pub fn check_region(name: &str) -> Result<(), String> {
+    let parts: Vec<&str> = name.split('-').collect();
+    let ok = parts.len() >= 3
+        && parts.last().is_some_and(|n| !n.is_empty() && n.chars().all(|c| c.is_ascii_digit()))
+        && parts[..parts.len() - 1].iter().all(|p| !p.is_empty() && p.chars().all(|c| c.is_ascii_lowercase()));
+    if ok { Ok(()) } else { Err(format!("`{name}` is not an AWS region name (like eu-west-1)")) }
+}
+
+/// Replaces `${NAME}` and `${NAME:-default}`; `$${` is a literal `${`.
+/// Errors carry the byte offset of the reference.
+fn interpolate(text: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<String, (usize, String)> {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    let mut offset = 0;
+    while let Some(start) = rest.find("${") {
+        if rest[..start].ends_with('$') {
+            out.push_str(&rest[..start - 1]);
+            out.push_str("${");
+            rest = &rest[start + 2..];
+            offset += start + 2;
+            continue;
+        }
+        out.push_str(&rest[..start]);
+        let after = &rest[start + 2..];
+        let end = after.find('}').ok_or((offset + start, "unclosed `${`".to_string()))?;
+        let reference = &after[..end];
+        let (name, default) = match reference.split_once(":-") {
+            Some((name, default)) => (name, Some(default)),
+            None => (reference, None),
+        };
+        if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+            return Err((offset + start, format!("`${{{reference}}}` is not a variable reference")));
+        }
+        match env(name).or(default.map(str::to_string)) {
+            Some(value) => out.push_str(&value),
+            None => return Err((offset + start, format!("environment variable {name} is not set"))),
+        }
+        let consumed = start + 2 + end + 1;
+        rest = &rest[consumed..];
+        offset += consumed;
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+fn line_column(text: &str, offset: usize) -> (usize, usize) {
+    let offset = offset.min(text.len());
+    let before = &text[..offset];
+    let line = before.matches('\n').count() + 1;
+    let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    (line, column)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn interpolation() {
+        let env = |name: &str| (name == "HOST").then(|| "127.0.0.1".to_string());
+        assert_eq!(
+            interpolate("url = \"http://${HOST}:${PORT:-5000}\"", &env).unwrap(),
+            "url = \"http://127.0.0.1:5000\""
+        );
+        assert_eq!(interpolate("a = \"$${HOST}\"", &env).unwrap(), "a = \"${HOST}\"");
+        assert_eq!(
+            interpolate("a = \"${NOPE}\"", &env).unwrap_err(),
+            (5, "environment variable NOPE is not set".into())
+        );
+        assert!(interpolate("a = \"${", &env).is_err());
+    }
+
+    #[test]
+    fn regions() {
+        assert!(check_region("eu-west-1").is_ok());
+        assert!(check_region("us-gov-west-1").is_ok());
+        assert!(check_region("europe").is_err());
+        assert!(check_region("eu-west-").is_err());
+    }
+
+    #[test]
+    fn line_and_column() {
+        assert_eq!(line_column("ab\ncd", 4), (2, 2));
+        assert_eq!(line_column("ab", 0), (1, 1));
+    }
+}

@@ -1,0 +1,16 @@
+//! iotdr: disaster recovery for AWS IoT fleets.
+//!
+//! The flow of one event: a `source` yields raw records, `event` decodes them,
+//! the `pipeline` runs them through Wasm stages (`plugin`), `plan` turns the
+//! result into API calls per target region and a `sink` applies them; `run`
+//! drives that loop and `state` keeps what must survive a restart.
+
+pub mod config;
+pub mod event;
+pub mod pipeline;
+pub mod plan;
+pub mod plugin;
+pub mod run;
+pub mod sink;
+pub mod source;
+pub mod state;

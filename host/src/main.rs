@@ -1,0 +1,194 @@
+//! The `iotdr` command line.
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+use iotdr::config::Pipeline as PipelineConfig;
+use iotdr::event::decode_line;
+use iotdr::pipeline::Pipeline;
+use iotdr::plugin::{Fate, PluginEngine, StageLimits, StageRunner};
+use iotdr::run::{Options, run_file};
+use iotdr::sink::DryRun;
+use iotdr::source::FileSource;
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+#[derive(Parser)]
+#[command(
+    name = "iotdr",
+    version,
+    about = "Disaster recovery for AWS IoT fleets: replicate registry, certificate and shadow events across regions through WebAssembly plug-ins"
+)]
+struct Cli {
+    /// Where compiled plug-ins are cached (default: ~/.cache/iotdr/plugins).
+    #[arg(long, global = true, env = "IOTDR_CACHE_DIR")]
+    cache_dir: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Checks a pipeline file and its plug-ins (each plug-in is loaded and given its config).
+    Validate { pipeline: PathBuf },
+    /// Runs a pipeline.
+    Run {
+        pipeline: PathBuf,
+        /// Print the API calls a real run would make, one JSON object per line, instead of making them.
+        #[arg(long)]
+        dry_run: bool,
+        /// Exit once the source has nothing more, instead of waiting for new events.
+        #[arg(long)]
+        until_idle: bool,
+    },
+    /// Works with plug-ins.
+    Plugin {
+        #[command(subcommand)]
+        command: PluginCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum PluginCommand {
+    /// Runs one plug-in over events and prints keep, drop, split or fail per event.
+    Test {
+        /// The plug-in component (.wasm).
+        plugin: PathBuf,
+        /// JSON-lines events, in any form the decoder accepts.
+        #[arg(long)]
+        events: PathBuf,
+        /// The stage config, as JSON.
+        #[arg(long, default_value = "{}")]
+        config: String,
+        #[arg(long, default_value = "us-east-1")]
+        source_region: String,
+        /// Target regions the events start with, comma-separated.
+        #[arg(long, value_delimiter = ',')]
+        targets: Vec<String>,
+    },
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("IOTDR_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match execute(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn engine(cache_dir: Option<PathBuf>) -> Result<PluginEngine> {
+    PluginEngine::new(cache_dir.or_else(PluginEngine::default_cache_dir))
+        .map_err(|e| anyhow::anyhow!("{e}"))
+        .context("starting the WebAssembly engine")
+}
+
+fn execute(cli: Cli) -> Result<ExitCode> {
+    match cli.command {
+        Command::Validate { pipeline } => {
+            let config = PipelineConfig::load(&pipeline)?;
+            let engine = engine(cli.cache_dir)?;
+            let built = Pipeline::build(&config, &engine)?;
+            let stages: Vec<&str> = built.stage_names().collect();
+            println!(
+                "{}: valid: pipeline `{}`, {} → {}, stages: {}",
+                pipeline.display(),
+                config.name,
+                config.source_region,
+                config.targets.join(", "),
+                if stages.is_empty() { "none".to_string() } else { stages.join(" → ") }
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Run { pipeline, dry_run, until_idle } => {
+            let config = PipelineConfig::load(&pipeline)?;
+            if !dry_run {
+                bail!(
+                    "applying to AWS is not available in this version yet; use --dry-run to see the calls a run would make"
+                );
+            }
+            let iotdr::config::Source::File { path } = &config.source else {
+                bail!("{}: only the `file` source is available in this version", pipeline.display());
+            };
+            let engine = engine(cli.cache_dir)?;
+            let mut built = Pipeline::build(&config, &engine)?;
+            let mut source = FileSource::open(path).with_context(|| format!("opening {}", path.display()))?;
+            let stdout = std::io::stdout();
+            let mut sink = DryRun::new(stdout.lock());
+            // A dry run changes nothing, dead letters included: they are reported on stderr.
+            let mut report = |letter: &iotdr::state::DeadLetter| {
+                eprintln!("dead letter: {}", serde_json::to_string(letter).expect("JSON"));
+                Ok(())
+            };
+            let options = Options { until_idle, poll_interval: Duration::from_millis(200) };
+            let summary = run_file(&config, &mut built, &mut source, &mut sink, &mut report, &options)?;
+            eprintln!("summary: {}", serde_json::to_string(&summary).expect("JSON"));
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Plugin { command: PluginCommand::Test { plugin, events, config, source_region, targets } } => {
+            serde_json::from_str::<serde_json::Value>(&config).context("--config is not JSON")?;
+            let engine = engine(cli.cache_dir)?;
+            let loaded = Arc::new(engine.load(&plugin)?);
+            let mut runner = StageRunner::start("test", loaded, config, StageLimits::default())
+                .with_context(|| format!("starting {}", plugin.display()))?;
+            let mut source = FileSource::open(&events).with_context(|| format!("opening {}", events.display()))?;
+            let mut out = std::io::stdout().lock();
+            let mut failures = 0;
+            loop {
+                let records = source.next_batch(256, true)?;
+                if records.is_empty() {
+                    break;
+                }
+                let mut batch = Vec::new();
+                for record in records {
+                    match decode_line(&record.text, &source_region) {
+                        Ok(mut event) => {
+                            event.targets = targets.clone();
+                            batch.push(event);
+                        }
+                        Err(e) => {
+                            failures += 1;
+                            let line = serde_json::json!({ "origin": record.origin, "outcome": "invalid", "reason": e.to_string() });
+                            writeln!(out, "{line}")?;
+                        }
+                    }
+                }
+                let ids: Vec<String> = batch.iter().map(|e| e.id.clone()).collect();
+                for (id, fate) in ids.into_iter().zip(runner.process(batch)) {
+                    let line = match fate {
+                        Fate::Kept(mut events) if events.len() == 1 => {
+                            serde_json::json!({ "id": id, "outcome": "keep", "event": events.pop() })
+                        }
+                        Fate::Kept(events) => serde_json::json!({ "id": id, "outcome": "split", "events": events }),
+                        Fate::Dropped(_, reason) => {
+                            serde_json::json!({ "id": id, "outcome": "drop", "reason": reason })
+                        }
+                        Fate::Failed(_, reason) => {
+                            failures += 1;
+                            serde_json::json!({ "id": id, "outcome": "fail", "reason": reason })
+                        }
+                    };
+                    writeln!(out, "{line}")?;
+                }
+            }
+            for (metric, value) in runner.counters() {
+                eprintln!("counter {metric} = {value}");
+            }
+            Ok(if failures == 0 { ExitCode::SUCCESS } else { ExitCode::from(2) })
+        }
+    }
+}

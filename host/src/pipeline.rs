@@ -1,0 +1,138 @@
+//! The stage chain: loads a pipeline's plug-ins, runs batches through them in
+//! order and applies each stage's `on_error` policy to the events it fails on.
+
+use crate::config::{self, OnError};
+use crate::event::Event;
+use crate::plugin::{Fate, LoadError, PluginEngine, StageRunner, StartError};
+use crate::state::DeadLetter;
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error(transparent)]
+    Load(#[from] LoadError),
+    #[error("{file}: stage `{stage}`: {source}")]
+    Start { file: PathBuf, stage: String, source: StartError },
+}
+
+/// A stage whose policy is `halt` failed; the run must stop.
+#[derive(Debug, thiserror::Error)]
+#[error("stage `{stage}` failed on event {event_id} ({entity} {name}) and its on_error is halt: {reason}")]
+pub struct Halted {
+    pub stage: String,
+    pub event_id: String,
+    pub entity: String,
+    pub name: String,
+    pub reason: String,
+}
+
+/// An event a stage dropped on purpose.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Dropped {
+    pub stage: String,
+    pub reason: String,
+    pub event: Event,
+}
+
+/// What came out of one batch.
+#[derive(Debug, Default)]
+pub struct Processed {
+    /// Events that passed every stage, in source order.
+    pub events: Vec<Event>,
+    pub dropped: Vec<Dropped>,
+    pub dead_letters: Vec<DeadLetter>,
+    /// Events a stage failed on that went on because its policy is `skip`.
+    pub skipped: usize,
+}
+
+struct RunningStage {
+    runner: StageRunner,
+    on_error: OnError,
+}
+
+pub struct Pipeline {
+    targets: Vec<String>,
+    stages: Vec<RunningStage>,
+}
+
+impl Pipeline {
+    /// Compiles (or loads from cache) every plug-in and starts every stage.
+    pub fn build(config: &config::Pipeline, engine: &PluginEngine) -> Result<Pipeline, BuildError> {
+        let mut loaded: HashMap<PathBuf, Arc<crate::plugin::Plugin>> = HashMap::new();
+        let mut stages = Vec::new();
+        for stage in &config.stages {
+            let plugin = match loaded.get(&stage.plugin) {
+                Some(plugin) => plugin.clone(),
+                None => {
+                    let plugin = Arc::new(engine.load(&stage.plugin)?);
+                    loaded.insert(stage.plugin.clone(), plugin.clone());
+                    plugin
+                }
+            };
+            let runner = StageRunner::start(&stage.name, plugin, stage.config_json.clone(), stage.limits.clone())
+                .map_err(|source| BuildError::Start { file: config.file.clone(), stage: stage.name.clone(), source })?;
+            stages.push(RunningStage { runner, on_error: stage.on_error });
+        }
+        Ok(Pipeline { targets: config.targets.clone(), stages })
+    }
+
+    pub fn stage_names(&self) -> impl Iterator<Item = &str> {
+        self.stages.iter().map(|s| s.runner.name())
+    }
+
+    /// Plug-in counters, per stage.
+    pub fn counters(&self) -> Vec<(String, std::collections::BTreeMap<String, u64>)> {
+        self.stages.iter().map(|s| (s.runner.name().to_string(), s.runner.counters())).collect()
+    }
+
+    /// Runs one batch through every stage. Events without targets get the
+    /// pipeline's targets first.
+    pub fn process(&mut self, mut events: Vec<Event>) -> Result<Processed, Halted> {
+        for event in &mut events {
+            if event.targets.is_empty() {
+                event.targets = self.targets.clone();
+            }
+        }
+        let mut processed = Processed::default();
+        for stage in &mut self.stages {
+            if events.is_empty() {
+                break;
+            }
+            let mut next = Vec::with_capacity(events.len());
+            for fate in stage.runner.process(events) {
+                match fate {
+                    Fate::Kept(kept) => next.extend(kept),
+                    Fate::Dropped(event, reason) => {
+                        tracing::debug!(stage = stage.runner.name(), event = %event.id, "dropped: {reason}");
+                        processed.dropped.push(Dropped { stage: stage.runner.name().to_string(), reason, event });
+                    }
+                    Fate::Failed(event, reason) => match stage.on_error {
+                        OnError::DeadLetter => {
+                            tracing::warn!(stage = stage.runner.name(), event = %event.id, "dead-lettered: {reason}");
+                            processed.dead_letters.push(DeadLetter::for_event(stage.runner.name(), reason, event));
+                        }
+                        OnError::Skip => {
+                            tracing::warn!(stage = stage.runner.name(), event = %event.id, "stage skipped for this event: {reason}");
+                            processed.skipped += 1;
+                            next.push(event);
+                        }
+                        OnError::Halt => {
+                            return Err(Halted {
+                                stage: stage.runner.name().to_string(),
+                                event_id: event.id,
+                                entity: event.entity.to_string(),
+                                name: event.name,
+                                reason,
+                            });
+                        }
+                    },
+                }
+            }
+            events = next;
+        }
+        processed.events = events;
+        Ok(processed)
+    }
+}

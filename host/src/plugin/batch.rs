@@ -1,0 +1,250 @@
+//! The host side of the `batch` resource: the events one `process` call sees,
+//! with an undo journal so a call that fails leaves every event as it was.
+
+use crate::event::Event;
+
+/// One change a stage made, with what it replaced.
+enum Undo {
+    Name(u32, String),
+    Targets(u32, Vec<String>),
+    Attribute(u32, String, Option<String>),
+    Related(u32, Vec<(String, String)>),
+    Document(u32, Option<String>),
+}
+
+impl Undo {
+    fn index(&self) -> u32 {
+        match self {
+            Undo::Name(i, _)
+            | Undo::Targets(i, _)
+            | Undo::Attribute(i, _, _)
+            | Undo::Related(i, _)
+            | Undo::Document(i, _) => *i,
+        }
+    }
+}
+
+/// Why a stage's call on the batch was refused (it becomes a trap in the guest).
+#[derive(Debug, thiserror::Error)]
+pub enum BatchError {
+    #[error("event index {index} is out of range (the batch has {len} events)")]
+    OutOfRange { index: u32, len: usize },
+    #[error("the stage grew the batch past {limit} events")]
+    TooManyEvents { limit: usize },
+    #[error("the stage stored more than {limit} bytes in events during one call")]
+    TooManyBytes { limit: usize },
+}
+
+pub struct Batch {
+    pub events: Vec<Event>,
+    journal: Vec<Undo>,
+    /// Events in the batch when the call began; the rest are copies.
+    original_len: usize,
+    max_events: usize,
+    bytes_left: usize,
+    bytes_limit: usize,
+}
+
+impl Default for Batch {
+    fn default() -> Self {
+        Batch::new(Vec::new(), 0)
+    }
+}
+
+impl Batch {
+    /// `byte_budget` bounds what a stage may add to host memory in one call.
+    pub fn new(events: Vec<Event>, byte_budget: usize) -> Batch {
+        let original_len = events.len();
+        Batch {
+            events,
+            journal: Vec::new(),
+            original_len,
+            // Splits beyond this are a runaway plug-in, not a real fan-out.
+            max_events: original_len.saturating_mul(64).max(1024),
+            bytes_left: byte_budget,
+            bytes_limit: byte_budget,
+        }
+    }
+
+    pub fn original_len(&self) -> usize {
+        self.original_len
+    }
+
+    pub fn get(&self, index: u32) -> Result<&Event, BatchError> {
+        self.events.get(index as usize).ok_or(BatchError::OutOfRange { index, len: self.events.len() })
+    }
+
+    fn get_mut(&mut self, index: u32) -> Result<&mut Event, BatchError> {
+        let len = self.events.len();
+        self.events.get_mut(index as usize).ok_or(BatchError::OutOfRange { index, len })
+    }
+
+    fn charge(&mut self, bytes: usize) -> Result<(), BatchError> {
+        self.bytes_left =
+            self.bytes_left.checked_sub(bytes).ok_or(BatchError::TooManyBytes { limit: self.bytes_limit })?;
+        Ok(())
+    }
+
+    pub fn set_name(&mut self, index: u32, name: String) -> Result<(), BatchError> {
+        self.charge(name.len())?;
+        let old = std::mem::replace(&mut self.get_mut(index)?.name, name);
+        self.journal.push(Undo::Name(index, old));
+        Ok(())
+    }
+
+    pub fn set_targets(&mut self, index: u32, targets: Vec<String>) -> Result<(), BatchError> {
+        self.charge(targets.iter().map(|t| t.len() + 24).sum())?;
+        let old = std::mem::replace(&mut self.get_mut(index)?.targets, targets);
+        self.journal.push(Undo::Targets(index, old));
+        Ok(())
+    }
+
+    pub fn set_attribute(&mut self, index: u32, key: String, value: String) -> Result<(), BatchError> {
+        self.charge(key.len() + value.len())?;
+        let event = self.get_mut(index)?;
+        let old = event.attributes.insert(key.clone(), value);
+        self.journal.push(Undo::Attribute(index, key, old));
+        Ok(())
+    }
+
+    pub fn remove_attribute(&mut self, index: u32, key: String) -> Result<bool, BatchError> {
+        let old = self.get_mut(index)?.attributes.remove(&key);
+        let existed = old.is_some();
+        if existed {
+            self.journal.push(Undo::Attribute(index, key, old));
+        }
+        Ok(existed)
+    }
+
+    pub fn set_related(&mut self, index: u32, kind: String, name: Option<String>) -> Result<(), BatchError> {
+        self.charge(kind.len() + name.as_ref().map_or(0, String::len))?;
+        let event = self.get_mut(index)?;
+        let old = event.related.clone();
+        event.set_related(&kind, name);
+        self.journal.push(Undo::Related(index, old));
+        Ok(())
+    }
+
+    pub fn set_document(&mut self, index: u32, document: Option<String>) -> Result<(), BatchError> {
+        self.charge(document.as_ref().map_or(0, String::len))?;
+        let old = std::mem::replace(&mut self.get_mut(index)?.document, document);
+        self.journal.push(Undo::Document(index, old));
+        Ok(())
+    }
+
+    pub fn duplicate(&mut self, index: u32) -> Result<u32, BatchError> {
+        if self.events.len() >= self.max_events {
+            return Err(BatchError::TooManyEvents { limit: self.max_events });
+        }
+        let copy = self.get(index)?.clone();
+        self.charge(approximate_size(&copy))?;
+        self.events.push(copy);
+        Ok((self.events.len() - 1) as u32)
+    }
+
+    /// Accepts the stage's changes except those to the events at `failed`,
+    /// which are handed back as they came in.
+    pub fn commit_except(mut self, failed: &[u32]) -> Vec<Event> {
+        if !failed.is_empty() {
+            let journal = std::mem::take(&mut self.journal);
+            self.undo(journal.into_iter().filter(|u| failed.contains(&u.index())).collect());
+        }
+        self.events
+    }
+
+    /// Undoes every change of the call and hands back the events as they came in.
+    pub fn roll_back(mut self) -> Vec<Event> {
+        let journal = std::mem::take(&mut self.journal);
+        self.undo(journal);
+        self.events.truncate(self.original_len);
+        self.events
+    }
+
+    fn undo(&mut self, mut journal: Vec<Undo>) {
+        while let Some(undo) = journal.pop() {
+            let event = &mut self.events[undo.index() as usize];
+            match undo {
+                Undo::Name(_, old) => event.name = old,
+                Undo::Targets(_, old) => event.targets = old,
+                Undo::Attribute(_, key, Some(old)) => {
+                    event.attributes.insert(key, old);
+                }
+                Undo::Attribute(_, key, None) => {
+                    event.attributes.remove(&key);
+                }
+                Undo::Related(_, old) => event.related = old,
+                Undo::Document(_, old) => event.document = old,
+            }
+        }
+    }
+}
+
+fn approximate_size(event: &Event) -> usize {
+    event.name.len()
+        + event.id.len()
+        + event.document.as_ref().map_or(0, String::len)
+        + event.attributes.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>()
+        + event.related.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>()
+        + 128
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::{Entity, Operation};
+
+    fn event(name: &str) -> Event {
+        let mut e = Event::new(Entity::Thing, Operation::Created, name);
+        e.attributes.insert("env".into(), "prod".into());
+        e.targets = vec!["eu-west-1".into()];
+        e
+    }
+
+    #[test]
+    fn roll_back_restores_every_field_and_drops_copies() {
+        let before = vec![event("a"), event("b")];
+        let mut batch = Batch::new(before.clone(), 1 << 20);
+        batch.set_name(0, "renamed".into()).unwrap();
+        batch.set_attribute(0, "env".into(), "test".into()).unwrap();
+        batch.set_attribute(1, "new".into(), "x".into()).unwrap();
+        batch.remove_attribute(1, "env".into()).unwrap();
+        batch.set_targets(1, vec![]).unwrap();
+        batch.set_related(0, "thing-type".into(), Some("t".into())).unwrap();
+        batch.set_document(0, Some("{}".into())).unwrap();
+        batch.duplicate(0).unwrap();
+        assert_eq!(batch.roll_back(), before);
+    }
+
+    #[test]
+    fn commit_except_undoes_only_failed_events() {
+        let mut batch = Batch::new(vec![event("a"), event("b")], 1 << 20);
+        batch.set_attribute(0, "env".into(), "test".into()).unwrap();
+        batch.set_attribute(1, "env".into(), "test".into()).unwrap();
+        let events = batch.commit_except(&[1]);
+        assert_eq!(events[0].attributes["env"], "test");
+        assert_eq!(events[1].attributes["env"], "prod");
+    }
+
+    #[test]
+    fn commit_keeps_changes() {
+        let mut batch = Batch::new(vec![event("a")], 1 << 20);
+        batch.set_attribute(0, "env".into(), "test".into()).unwrap();
+        let copy = batch.duplicate(0).unwrap();
+        batch.set_name(copy, "b".into()).unwrap();
+        let events = batch.commit_except(&[]);
+        assert_eq!(events[0].attributes["env"], "test");
+        assert_eq!(events[1].name, "b");
+    }
+
+    #[test]
+    fn out_of_range_and_budgets_are_errors() {
+        let mut batch = Batch::new(vec![event("a")], 10);
+        assert!(matches!(batch.get(3), Err(BatchError::OutOfRange { index: 3, len: 1 })));
+        assert!(matches!(batch.set_name(0, "x".repeat(11)), Err(BatchError::TooManyBytes { .. })));
+        let mut batch = Batch::new(vec![event("a")], usize::MAX);
+        for _ in 0..1023 {
+            batch.duplicate(0).unwrap();
+        }
+        assert!(matches!(batch.duplicate(0), Err(BatchError::TooManyEvents { limit: 1024 })));
+    }
+}

@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Everything CI checks: formatting, lints, plug-in builds and every test.
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+cd "$ROOT"
+say "cargo fmt --check"
+cargo fmt --all --check
+"$ROOT/scripts/build-plugins.sh"
+say "cargo clippy"
+cargo clippy --quiet --workspace --all-targets -- -D warnings
+say "cargo test"
+cargo test --workspace
