@@ -296,9 +296,9 @@ macro_rules! export_stage {
                             .map(::std::convert::Into::into)
                             .collect()
                     })
-        }
+                }
             }
-            $crate::bindings::__export_stage_bindings!(__Exports with_types_in $crate::bindings);
+    $crate::bindings::__export_stage_bindings!(__Exports with_types_in $crate::bindings);
         };
     };
 }
