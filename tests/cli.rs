@@ -1,0 +1,205 @@
+//! The `iotdr` binary as an operator runs it: exit codes, messages, output.
+
+mod common;
+
+use serde_json::Value;
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn iotdr(args: &[&str], cwd: &Path) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_iotdr"))
+        .args(args)
+        .current_dir(cwd)
+        .env("IOTDR_CACHE_DIR", common::cache_dir())
+        .env_remove("IOTDR_LOG")
+        .output()
+        .expect("iotdr runs")
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// The demo pipeline, copied to `dir` with its relative paths made absolute
+/// and `edit` applied to its text.
+fn demo_pipeline_in(dir: &Path, edit: impl Fn(String) -> String) -> std::path::PathBuf {
+    let root = common::root();
+    let original = std::fs::read_to_string(root.join("pipelines/demo.toml")).unwrap();
+    let text = edit(original.replace("\"../", &format!("\"{}/", root.display())));
+    let path = dir.join("pipeline.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+#[test]
+fn validate_accepts_the_demo_pipeline() {
+    let root = common::root();
+    common::plugin("attribute-filter");
+    let out = iotdr(&["validate", "pipelines/demo.toml"], &root);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    assert!(stdout.contains("valid: pipeline `demo`"), "{stdout}");
+    assert!(stdout.contains("skip-test-devices → tidy-attributes → per-customer-route → policies-for-target"));
+}
+
+#[test]
+fn validate_names_file_line_and_column_of_each_mistake() {
+    let dir = tempfile::tempdir().unwrap();
+    // (what, text to replace, its replacement, what the error must say)
+    let cases = [
+        ("unknown key", "name = \"demo\"", "nmae = \"demo\"", ":5:1: unknown field `nmae`"),
+        (
+            "bad region",
+            "targets = [\"eu-west-1\"]",
+            "targets = [\"Europe\"]",
+            ":7:12: `Europe` is not an AWS region name",
+        ),
+        (
+            "duplicate stage",
+            "name = \"tidy-attributes\"",
+            "name = \"skip-test-devices\"",
+            "duplicate stage name `skip-test-devices`",
+        ),
+        ("missing plug-in", "attribute-filter.wasm", "no-such-plugin.wasm", "no-such-plugin.wasm"),
+        ("bad limit", "memory_mb = 16", "memory_mb = 0", "memory_mb"),
+        ("bad on_error", "on_error = \"dead-letter\"", "on_error = \"ignore\"", "ignore"),
+    ];
+    for (what, from, to, expected) in cases {
+        let path = demo_pipeline_in(dir.path(), |t| t.replacen(from, to, 1));
+        let out = iotdr(&["validate", path.to_str().unwrap()], dir.path());
+        assert_eq!(out.status.code(), Some(1), "{what}: exit code");
+        let stderr = text(&out.stderr);
+        assert!(stderr.starts_with(&format!("error: {}:", path.display())), "{what}: names the file: {stderr}");
+        assert!(stderr.contains(expected), "{what}: {stderr} should contain {expected:?}");
+        assert!(out.stdout.is_empty(), "{what}: nothing on stdout");
+    }
+}
+
+#[test]
+fn validate_reports_a_stage_config_the_plug_in_rejects() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = demo_pipeline_in(dir.path(), |t| t.replacen("drop_values = [\"test\"]", "drop_valuez = [\"test\"]", 1));
+    let out = iotdr(&["validate", path.to_str().unwrap()], dir.path());
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = text(&out.stderr);
+    assert!(stderr.contains("stage `skip-test-devices`"), "{stderr}");
+    assert!(stderr.contains("drop_valuez"), "{stderr}");
+}
+
+#[test]
+fn a_dry_run_of_the_demo_prints_one_planned_call_per_line() {
+    let root = common::root();
+    common::plugin("attribute-filter");
+    let out = iotdr(&["run", "pipelines/demo.toml", "--dry-run", "--until-idle"], &root);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let calls: Vec<Value> =
+        text(&out.stdout).lines().map(|l| serde_json::from_str(l).expect("each line is JSON")).collect();
+    assert!(calls.len() >= 10, "{calls:?}");
+    for call in &calls {
+        assert!(call["region"].is_string() && call["operation"].is_string() && call["input"].is_object(), "{call}");
+    }
+    let operations: Vec<(&str, &str)> =
+        calls.iter().map(|c| (c["region"].as_str().unwrap(), c["operation"].as_str().unwrap())).collect();
+    for expected in ["CreateThingType", "CreateThingGroup", "CreateThing", "AddThingToThingGroup", "UpdateThingShadow"]
+    {
+        assert!(operations.iter().any(|(_, op)| *op == expected), "{expected} in {operations:?}");
+    }
+    // The test device is filtered out; acme's things go to both regions.
+    assert!(!text(&out.stdout).contains("\"env\":\"test\""));
+    let acme_creates: Vec<&str> = calls
+        .iter()
+        .filter(|c| {
+            c["operation"] == "CreateThing" && c["input"]["attributePayload"]["attributes"]["customer"] == "acme"
+        })
+        .map(|c| c["region"].as_str().unwrap())
+        .collect();
+    assert!(acme_creates.contains(&"eu-west-1") && acme_creates.contains(&"eu-central-1"), "{acme_creates:?}");
+    // Renamed by the transform stage, never the source name.
+    assert!(!text(&out.stdout).contains("\"fw\""));
+    // Certificates' PEMs never reach the output.
+    assert!(!text(&out.stdout).contains("BEGIN CERTIFICATE"));
+    let stderr = text(&out.stderr);
+    let summary_line = stderr.lines().find(|l| l.starts_with("summary: ")).expect("a summary on stderr");
+    let summary: Value = serde_json::from_str(summary_line.trim_start_matches("summary: ")).unwrap();
+    assert_eq!(summary["calls"].as_u64(), Some(calls.len() as u64));
+    assert_eq!(summary["dropped"], 1);
+    assert_eq!(summary["dead_letters"], 0);
+}
+
+#[test]
+fn run_without_dry_run_says_what_is_missing() {
+    let root = common::root();
+    let out = iotdr(&["run", "pipelines/demo.toml", "--until-idle"], &root);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out.stderr).contains("--dry-run"), "{}", text(&out.stderr));
+}
+
+#[test]
+fn plugin_test_prints_an_outcome_per_event_and_fails_on_failures() {
+    let root = common::root();
+    let filter = common::plugin("attribute-filter");
+    let out = iotdr(
+        &[
+            "plugin",
+            "test",
+            filter.to_str().unwrap(),
+            "--events",
+            "examples/events/demo.jsonl",
+            "--config",
+            r#"{"attribute":"env","drop_values":["test"]}"#,
+        ],
+        &root,
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let lines: Vec<Value> = text(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let records = std::fs::read_to_string(root.join("examples/events/demo.jsonl")).unwrap();
+    let expected = records.lines().filter(|l| !l.trim().is_empty() && !l.starts_with('#')).count();
+    assert_eq!(lines.len(), expected, "one line per event");
+    let drops: Vec<&Value> = lines.iter().filter(|l| l["outcome"] == "drop").collect();
+    assert_eq!(drops.len(), 1);
+    assert_eq!(drops[0]["reason"], "env=test");
+    assert!(lines.iter().all(|l| l["outcome"] == "keep" || l["outcome"] == "drop"));
+
+    // A bad config is refused before any event flows.
+    let out = iotdr(
+        &[
+            "plugin",
+            "test",
+            filter.to_str().unwrap(),
+            "--events",
+            "examples/events/demo.jsonl",
+            "--config",
+            "{\"x\":1}",
+        ],
+        &root,
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out.stderr).contains("unknown field `x`"), "{}", text(&out.stderr));
+
+    // Failures and undecodable lines make the exit code 2.
+    let dir = tempfile::tempdir().unwrap();
+    let events = dir.path().join("events.jsonl");
+    std::fs::write(
+        &events,
+        "{\"topic\":\"$aws/events/thing/poison/created\",\"payload\":{\"operation\":\"CREATED\"}}\nnot json\n",
+    )
+    .unwrap();
+    let hostile = common::test_plugin("hostile");
+    let out = iotdr(
+        &[
+            "plugin",
+            "test",
+            hostile.to_str().unwrap(),
+            "--events",
+            events.to_str().unwrap(),
+            "--config",
+            r#"{"trap_on":"poison"}"#,
+        ],
+        &root,
+    );
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    let lines: Vec<Value> = text(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let outcomes: Vec<&str> = lines.iter().map(|l| l["outcome"].as_str().unwrap()).collect();
+    assert_eq!(outcomes, vec!["invalid", "fail"]);
+    assert!(lines[0]["reason"].as_str().unwrap().starts_with("not JSON"));
+}

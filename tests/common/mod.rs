@@ -1,0 +1,64 @@
+//! Shared by the integration tests: where the built plug-ins are, a plug-in
+//! engine with a compile cache that outlives one test, and event builders.
+#![allow(dead_code)] // each test file uses a different part of this
+
+use iotdr::event::{Entity, Event, Operation};
+use iotdr::plugin::{Fate, PluginEngine, StageLimits, StageRunner};
+use std::path::PathBuf;
+use std::sync::{Arc, OnceLock};
+
+/// The workspace root.
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().expect("host/ has a parent").to_path_buf()
+}
+
+/// A bundled plug-in (`plugins/dist/<name>.wasm`).
+pub fn plugin(name: &str) -> PathBuf {
+    built(root().join("plugins/dist").join(format!("{name}.wasm")))
+}
+
+/// A test-only plug-in (`tests/plugins/dist/<name>.wasm`).
+pub fn test_plugin(name: &str) -> PathBuf {
+    built(root().join("tests/plugins/dist").join(format!("{name}.wasm")))
+}
+
+fn built(path: PathBuf) -> PathBuf {
+    assert!(path.exists(), "{} is missing: run scripts/build-plugins.sh first (scripts/test.sh does)", path.display());
+    path
+}
+
+/// Where the tests keep compiled plug-ins: inside the build directory, so the
+/// developer's own cache is left alone.
+pub fn cache_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("iotdr-plugin-cache")
+}
+
+/// One engine per test binary, as in the real host (one per process).
+pub fn engine() -> &'static PluginEngine {
+    static ENGINE: OnceLock<PluginEngine> = OnceLock::new();
+    ENGINE.get_or_init(|| PluginEngine::new(Some(cache_dir())).expect("a wasmtime engine"))
+}
+
+/// Starts one stage of `plugin` with `config` (JSON).
+pub fn stage(plugin: &std::path::Path, config: serde_json::Value, limits: StageLimits) -> StageRunner {
+    let loaded = Arc::new(engine().load(plugin).expect("the plug-in loads"));
+    StageRunner::start("under-test", loaded, config.to_string(), limits).expect("the stage starts")
+}
+
+pub fn thing(name: &str, attributes: &[(&str, &str)]) -> Event {
+    let mut event = Event::new(Entity::Thing, Operation::Created, name);
+    event.id = format!("id-{name}");
+    event.source_region = "us-east-1".into();
+    event.account_id = "111122223333".into();
+    event.targets = vec!["eu-west-1".into()];
+    event.attributes = attributes.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+    event
+}
+
+/// The single event a `Kept` fate holds.
+pub fn kept_one(fate: &Fate) -> &Event {
+    match fate {
+        Fate::Kept(events) if events.len() == 1 => &events[0],
+        other => panic!("expected one kept event, got {other:?}"),
+    }
+}
