@@ -5,6 +5,9 @@ cd "$ROOT"
 say "cargo fmt --check"
 cargo fmt --all --check
 "$ROOT/scripts/build-plugins.sh"
+# The AWS tests start their own moto servers; install it once up front.
+say "installing the moto AWS emulator"
+bash "$ROOT/scripts/moto.sh" install
 say "cargo clippy"
 cargo clippy --quiet --workspace --all-targets -- -D warnings
 say "cargo test"

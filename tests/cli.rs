@@ -50,8 +50,8 @@ fn validate_names_file_line_and_column_of_each_mistake() {
         ("unknown key", "name = \"demo\"", "nmae = \"demo\"", ":5:1: unknown field `nmae`"),
         (
             "bad region",
-            "targets = [\"eu-west-1\"]",
-            "targets = [\"Europe\"]",
+            "targets = [\"eu-west-1\",",
+            "targets = [\"Europe\",",
             ":7:12: `Europe` is not an AWS region name",
         ),
         (
@@ -127,11 +127,15 @@ fn a_dry_run_of_the_demo_prints_one_planned_call_per_line() {
 }
 
 #[test]
-fn run_without_dry_run_says_what_is_missing() {
-    let root = common::root();
-    let out = iotdr(&["run", "pipelines/demo.toml", "--until-idle"], &root);
+fn run_refuses_a_source_it_cannot_read_yet() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = demo_pipeline_in(dir.path(), |t| {
+        let without_path: Vec<&str> = t.lines().filter(|l| !l.starts_with("path = ")).collect();
+        without_path.join("\n").replacen("kind = \"file\"", "kind = \"scan\"", 1)
+    });
+    let out = iotdr(&["run", path.to_str().unwrap(), "--until-idle"], dir.path());
     assert_eq!(out.status.code(), Some(1));
-    assert!(text(&out.stderr).contains("--dry-run"), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("only the `file` source"), "{}", text(&out.stderr));
 }
 
 #[test]

@@ -61,7 +61,10 @@ pub struct Pipeline {
 
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct Region {
+    /// Where the region's AWS APIs are (an emulator, a VPC endpoint); AWS's own when unset.
     pub endpoint_url: Option<String>,
+    /// The IoT data plane (shadows); else `endpoint_url`, else what `DescribeEndpoint` says.
+    pub data_endpoint_url: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -94,6 +97,33 @@ pub struct Apply {
     /// Entities that are applied to the targets; the others are dropped after the stages.
     pub replicate: Vec<Entity>,
     pub global_registry_table: Option<String>,
+    /// Changes applied at once per batch (different keys only; one key is always sequential).
+    pub concurrency: usize,
+    /// Attempts per API call on throttling and transient failures, the first included.
+    pub max_attempts: u32,
+    pub initial_backoff: Duration,
+    pub max_backoff: Duration,
+    /// Requests per second per region, by AWS operation name, over the built-in defaults.
+    pub rate_limits: BTreeMap<String, f64>,
+    /// How often a change whose dependency is missing in the target is retried, and the pause between.
+    pub dependency_attempts: u32,
+    pub dependency_pause: Duration,
+}
+
+impl Default for Apply {
+    fn default() -> Self {
+        Apply {
+            replicate: Entity::ALL.to_vec(),
+            global_registry_table: None,
+            concurrency: 16,
+            max_attempts: 8,
+            initial_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_secs(20),
+            rate_limits: BTreeMap::new(),
+            dependency_attempts: 4,
+            dependency_pause: Duration::from_millis(250),
+        }
+    }
 }
 
 // ---- the file as written -------------------------------------------------
@@ -126,6 +156,7 @@ struct RawPipeline {
 #[serde(deny_unknown_fields)]
 struct RawRegion {
     endpoint_url: Option<String>,
+    data_endpoint_url: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -168,6 +199,14 @@ struct RawLimits {
 struct RawApply {
     replicate: Option<Spanned<Vec<Spanned<String>>>>,
     global_registry_table: Option<String>,
+    concurrency: Option<Spanned<i64>>,
+    max_attempts: Option<Spanned<i64>>,
+    initial_backoff_ms: Option<Spanned<i64>>,
+    max_backoff_ms: Option<Spanned<i64>>,
+    #[serde(default)]
+    rate_limits: BTreeMap<Spanned<String>, Spanned<f64>>,
+    dependency_attempts: Option<Spanned<i64>>,
+    dependency_pause_ms: Option<Spanned<i64>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -237,7 +276,10 @@ impl Pipeline {
         let mut regions = BTreeMap::new();
         for (name, region) in raw.regions {
             check_region(name.get_ref()).map_err(|m| at(name.span(), m))?;
-            regions.insert(name.into_inner(), Region { endpoint_url: region.endpoint_url });
+            regions.insert(
+                name.into_inner(),
+                Region { endpoint_url: region.endpoint_url, data_endpoint_url: region.data_endpoint_url },
+            );
         }
 
         let source_span = raw.source.span();
@@ -281,7 +323,8 @@ impl Pipeline {
             stages.push(Stage { name: name.clone(), plugin, config_json, limits, on_error: stage.on_error });
         }
 
-        let replicate = match raw.apply.replicate {
+        let mut raw_apply = raw.apply;
+        let replicate = match raw_apply.replicate.take() {
             None => Entity::ALL.to_vec(),
             Some(kinds) => {
                 let mut entities = Vec::new();
@@ -305,10 +348,59 @@ impl Pipeline {
             regions,
             source,
             stages,
-            apply: Apply { replicate, global_registry_table: raw.apply.global_registry_table },
+            apply: apply_settings(raw_apply, replicate, &at)?,
             state_dir: base.join(raw.state.dir.as_deref().unwrap_or(".iotdr-state")),
         })
     }
+}
+
+fn apply_settings(
+    raw: RawApply,
+    replicate: Vec<Entity>,
+    at: &dyn Fn(Range<usize>, String) -> ConfigError,
+) -> Result<Apply, ConfigError> {
+    let defaults = Apply::default();
+    let bounded = |value: &Option<Spanned<i64>>, name: &str, range: Range<i64>| -> Result<Option<i64>, ConfigError> {
+        match value {
+            Some(v) if !range.contains(v.get_ref()) => Err(at(
+                v.span(),
+                format!("apply.{name} = {} is out of range {}..={}", v.get_ref(), range.start, range.end - 1),
+            )),
+            Some(v) => Ok(Some(*v.get_ref())),
+            None => Ok(None),
+        }
+    };
+    let millis = |ms: i64| Duration::from_millis(ms as u64);
+    let mut rate_limits = BTreeMap::new();
+    for (operation, rate) in raw.rate_limits {
+        let name = operation.get_ref();
+        if name.is_empty() || !name.chars().next().is_some_and(|c| c.is_ascii_uppercase()) {
+            return Err(at(operation.span(), format!("`{name}` is not an AWS operation name (like CreateThing)")));
+        }
+        if !(rate.get_ref().is_finite() && *rate.get_ref() > 0.0) {
+            return Err(at(rate.span(), format!("rate for {name} must be a positive number of requests per second")));
+        }
+        rate_limits.insert(operation.into_inner(), *rate.get_ref());
+    }
+    let apply = Apply {
+        replicate,
+        global_registry_table: raw.global_registry_table,
+        concurrency: bounded(&raw.concurrency, "concurrency", 1..1025)?.map_or(defaults.concurrency, |n| n as usize),
+        max_attempts: bounded(&raw.max_attempts, "max_attempts", 1..101)?.map_or(defaults.max_attempts, |n| n as u32),
+        initial_backoff: bounded(&raw.initial_backoff_ms, "initial_backoff_ms", 1..600_001)?
+            .map_or(defaults.initial_backoff, millis),
+        max_backoff: bounded(&raw.max_backoff_ms, "max_backoff_ms", 1..3_600_001)?.map_or(defaults.max_backoff, millis),
+        rate_limits,
+        dependency_attempts: bounded(&raw.dependency_attempts, "dependency_attempts", 0..101)?
+            .map_or(defaults.dependency_attempts, |n| n as u32),
+        dependency_pause: bounded(&raw.dependency_pause_ms, "dependency_pause_ms", 0..600_001)?
+            .map_or(defaults.dependency_pause, millis),
+    };
+    if apply.initial_backoff > apply.max_backoff {
+        let span = raw.initial_backoff_ms.as_ref().map_or(0..0, |v| v.span());
+        return Err(at(span, "apply.initial_backoff_ms is larger than max_backoff_ms".into()));
+    }
+    Ok(apply)
 }
 
 fn stage_limits(raw: &RawLimits) -> Result<StageLimits, String> {

@@ -5,8 +5,11 @@
 //! result into API calls per target region and a `sink` applies them; `run`
 //! drives that loop and `state` keeps what must survive a restart.
 
+pub mod aws;
 pub mod config;
+pub mod context;
 pub mod event;
+pub mod order;
 pub mod pipeline;
 pub mod plan;
 pub mod plugin;

@@ -6,9 +6,10 @@ use iotdr::config::Pipeline as PipelineConfig;
 use iotdr::event::decode_line;
 use iotdr::pipeline::Pipeline;
 use iotdr::plugin::{Fate, PluginEngine, StageLimits, StageRunner};
-use iotdr::run::{Options, run_file};
-use iotdr::sink::DryRun;
+use iotdr::run::{Options, replay, run_file};
+use iotdr::sink::{AwsSink, DryRun};
 use iotdr::source::FileSource;
+use iotdr::state::StateStore;
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -46,10 +47,38 @@ enum Command {
         #[arg(long)]
         until_idle: bool,
     },
+    /// Lists, replays or purges the dead letters of a pipeline (kept in its state folder).
+    DeadLetters {
+        #[command(subcommand)]
+        command: DeadLetterCommand,
+    },
     /// Works with plug-ins.
     Plugin {
         #[command(subcommand)]
         command: PluginCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum DeadLetterCommand {
+    /// Prints each dead letter as one JSON line: id, time, stage, reason, event or record.
+    List { pipeline: PathBuf },
+    /// Runs dead letters again from where they failed; those that go through are removed.
+    Replay {
+        pipeline: PathBuf,
+        /// Only these ids (default: all).
+        #[arg(long = "id")]
+        ids: Vec<i64>,
+    },
+    /// Deletes dead letters.
+    Purge {
+        pipeline: PathBuf,
+        /// Only these ids.
+        #[arg(long = "id", required_unless_present = "all")]
+        ids: Vec<i64>,
+        /// Every dead letter of the pipeline.
+        #[arg(long)]
+        all: bool,
     },
 }
 
@@ -116,29 +145,52 @@ fn execute(cli: Cli) -> Result<ExitCode> {
         }
         Command::Run { pipeline, dry_run, until_idle } => {
             let config = PipelineConfig::load(&pipeline)?;
-            if !dry_run {
-                bail!(
-                    "applying to AWS is not available in this version yet; use --dry-run to see the calls a run would make"
-                );
-            }
             let iotdr::config::Source::File { path } = &config.source else {
                 bail!("{}: only the `file` source is available in this version", pipeline.display());
             };
             let engine = engine(cli.cache_dir)?;
             let mut built = Pipeline::build(&config, &engine)?;
             let mut source = FileSource::open(path).with_context(|| format!("opening {}", path.display()))?;
-            let stdout = std::io::stdout();
-            let mut sink = DryRun::new(stdout.lock());
-            // A dry run changes nothing, dead letters included: they are reported on stderr.
-            let mut report = |letter: &iotdr::state::DeadLetter| {
-                eprintln!("dead letter: {}", serde_json::to_string(letter).expect("JSON"));
-                Ok(())
-            };
             let options = Options { until_idle, poll_interval: Duration::from_millis(200) };
-            let summary = run_file(&config, &mut built, &mut source, &mut sink, &mut report, &options)?;
-            eprintln!("summary: {}", serde_json::to_string(&summary).expect("JSON"));
+            if dry_run {
+                let stdout = std::io::stdout();
+                let mut sink = DryRun::new(stdout.lock());
+                // A dry run changes nothing, dead letters included: they are reported on stderr.
+                let mut report = |letter: &iotdr::state::DeadLetter| {
+                    eprintln!("dead letter: {}", serde_json::to_string(letter).expect("JSON"));
+                    Ok(())
+                };
+                let summary = run_file(&config, &mut built, &mut source, &mut sink, &mut report, &options)?;
+                eprintln!("summary: {}", serde_json::to_string(&summary).expect("JSON"));
+                return Ok(ExitCode::SUCCESS);
+            }
+            let state = Arc::new(StateStore::open(&config.state_dir)?);
+            let mut sink = AwsSink::connect(&config, state.clone())?;
+            let mut store = |letter: &iotdr::state::DeadLetter| {
+                state.add_dead_letter(letter).map(drop).map_err(|e| std::io::Error::other(e.to_string()))
+            };
+            let summary = run_file(&config, &mut built, &mut source, &mut sink, &mut store, &options)?;
+            let stats = sink.stats();
+            let changes = summary.applied_events();
+            eprintln!(
+                "summary: {}",
+                serde_json::json!({
+                    "run": summary,
+                    "requests": stats,
+                    "calls_per_change": if changes == 0 { 0.0 } else { stats.calls as f64 / changes as f64 },
+                })
+            );
+            if summary.dead_letters > 0 {
+                eprintln!(
+                    "{} dead letter(s) kept in {}: see `iotdr dead-letters list {}`",
+                    summary.dead_letters,
+                    state.path().display(),
+                    pipeline.display()
+                );
+            }
             Ok(ExitCode::SUCCESS)
         }
+        Command::DeadLetters { command } => dead_letters(command, cli.cache_dir),
         Command::Plugin { command: PluginCommand::Test { plugin, events, config, source_region, targets } } => {
             serde_json::from_str::<serde_json::Value>(&config).context("--config is not JSON")?;
             let engine = engine(cli.cache_dir)?;
@@ -189,6 +241,41 @@ fn execute(cli: Cli) -> Result<ExitCode> {
                 eprintln!("counter {metric} = {value}");
             }
             Ok(if failures == 0 { ExitCode::SUCCESS } else { ExitCode::from(2) })
+        }
+    }
+}
+
+fn dead_letters(command: DeadLetterCommand, cache_dir: Option<PathBuf>) -> Result<ExitCode> {
+    let pipeline = match &command {
+        DeadLetterCommand::List { pipeline }
+        | DeadLetterCommand::Replay { pipeline, .. }
+        | DeadLetterCommand::Purge { pipeline, .. } => pipeline,
+    };
+    let config = PipelineConfig::load(pipeline)?;
+    let state = Arc::new(StateStore::open(&config.state_dir)?);
+    match command {
+        DeadLetterCommand::List { .. } => {
+            let mut out = std::io::stdout().lock();
+            for stored in state.dead_letters()? {
+                let mut line = serde_json::to_value(&stored.letter).expect("JSON");
+                line["id"] = stored.id.into();
+                writeln!(out, "{line}")?;
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        DeadLetterCommand::Replay { ids, .. } => {
+            let engine = engine(cache_dir)?;
+            let mut built = Pipeline::build(&config, &engine)?;
+            let mut sink = AwsSink::connect(&config, state.clone())?;
+            let ids = (!ids.is_empty()).then_some(ids);
+            let report = replay(&config, &mut built, &mut sink, &state, ids.as_deref())?;
+            println!("{}", serde_json::to_string(&report).expect("JSON"));
+            Ok(if report.still_failing == 0 { ExitCode::SUCCESS } else { ExitCode::from(3) })
+        }
+        DeadLetterCommand::Purge { ids, all, .. } => {
+            let removed = state.remove_dead_letters(if all { None } else { Some(&ids) })?;
+            println!("removed {removed} dead letter(s)");
+            Ok(ExitCode::SUCCESS)
         }
     }
 }

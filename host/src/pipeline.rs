@@ -89,14 +89,26 @@ impl Pipeline {
 
     /// Runs one batch through every stage. Events without targets get the
     /// pipeline's targets first.
-    pub fn process(&mut self, mut events: Vec<Event>) -> Result<Processed, Halted> {
+    pub fn process(&mut self, events: Vec<Event>) -> Result<Processed, Halted> {
+        self.process_from(0, events)
+    }
+
+    /// The index of the stage called `name`.
+    pub fn stage_index(&self, name: &str) -> Option<usize> {
+        self.stages.iter().position(|s| s.runner.name() == name)
+    }
+
+    /// Runs a batch through the stages from `first` on (a replayed dead
+    /// letter re-enters at the stage that failed it; past the last stage, no
+    /// stage runs).
+    pub fn process_from(&mut self, first: usize, mut events: Vec<Event>) -> Result<Processed, Halted> {
         for event in &mut events {
             if event.targets.is_empty() {
                 event.targets = self.targets.clone();
             }
         }
         let mut processed = Processed::default();
-        for stage in &mut self.stages {
+        for stage in self.stages.iter_mut().skip(first) {
             if events.is_empty() {
                 break;
             }

@@ -53,13 +53,9 @@ pub fn plan(event: &Event, region: &str) -> Result<Vec<Call>, PlanError> {
             }
             vec![call("UpdateThing", input)]
         }
-        (E::Thing, O::Deleted) => {
-            let mut calls: Vec<Call> = principals(event)
-                .map(|principal| call("DetachThingPrincipal", json!({ "thingName": name, "principal": principal })))
-                .collect();
-            calls.push(call("DeleteThing", json!({ "thingName": name })));
-            calls
-        }
+        // The applier first detaches the principals and deletes the shadows it
+        // finds on the thing in the target, then deletes it.
+        (E::Thing, O::Deleted) => vec![call("DeleteThing", json!({ "thingName": name }))],
         (E::ThingType, O::Created) => {
             let properties = document(event)?;
             let mut type_properties = Map::new();
@@ -202,10 +198,6 @@ impl Call {
     }
 }
 
-fn principals(event: &Event) -> impl Iterator<Item = &str> {
-    event.related.iter().filter(|(k, _)| k == related::PRINCIPAL).map(|(_, v)| v.as_str())
-}
-
 fn certificate_arn(event: &Event, region: &str) -> String {
     format!("arn:aws:iot:{region}:{}:cert/{}", event.account_id, event.name)
 }
@@ -266,10 +258,9 @@ mod tests {
         assert_eq!(updated[0].input["attributePayload"]["merge"], false);
         assert_eq!(updated[0].input["removeThingType"], true);
 
-        let mut deleted = thing(Operation::Deleted);
-        deleted.related.push((related::PRINCIPAL.into(), "arn:aws:iot:us-east-1:1:cert/abc".into()));
+        let deleted = thing(Operation::Deleted);
         let ops: Vec<&str> = plan(&deleted, "eu-west-1").unwrap().iter().map(|c| c.operation).collect();
-        assert_eq!(ops, ["DetachThingPrincipal", "DeleteThing"]);
+        assert_eq!(ops, ["DeleteThing"]);
     }
 
     #[test]

@@ -6,9 +6,9 @@ use crate::config;
 use crate::event::{Entity, decode_line};
 use crate::pipeline::{Halted, Pipeline};
 use crate::plan::plan;
-use crate::sink::{Sink, SinkError};
+use crate::sink::{Job, JobResult, Sink, SinkError};
 use crate::source::FileSource;
-use crate::state::DeadLetter;
+use crate::state::{DeadLetter, StateStore};
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -23,19 +23,24 @@ pub enum RunError {
     Sink(#[from] SinkError),
     #[error("storing a dead letter: {0}")]
     DeadLetter(std::io::Error),
+    #[error("{0}")]
+    State(String),
 }
 
 /// Counts of what a run did.
 #[derive(Debug, Default, Clone, PartialEq, Serialize)]
 pub struct Summary {
     pub records: u64,
-    /// Events that reached the targets, per entity.
+    /// Events that reached at least one target, per entity.
     pub applied: BTreeMap<String, u64>,
+    /// Planned calls of the applied changes (what a dry run prints).
     pub calls: u64,
     pub dropped: u64,
     /// Events of entities `apply.replicate` leaves out.
     pub not_replicated: u64,
     pub skipped_stages: u64,
+    /// Changes older than what the target already had (shadow versions): skipped.
+    pub stale: u64,
     pub dead_letters: u64,
 }
 
@@ -61,6 +66,7 @@ pub fn run_file(
     options: &Options,
 ) -> Result<Summary, RunError> {
     let mut summary = Summary::default();
+    let mut context = crate::context::ThingContext::default();
     loop {
         let records = source
             .next_batch(config.batch_size, options.until_idle)
@@ -77,47 +83,152 @@ pub fn run_file(
         let mut dead = Vec::new();
         for record in records {
             match decode_line(&record.text, &config.source_region) {
-                Ok(event) => events.push(event),
+                Ok(mut event) => {
+                    context.enrich(&mut event);
+                    events.push(event);
+                }
                 Err(e) => dead.push(DeadLetter::for_record(e.to_string(), &record.text, record.origin)),
             }
         }
-        let processed = pipeline.process(events)?;
-        summary.dropped += processed.dropped.len() as u64;
-        summary.skipped_stages += processed.skipped as u64;
-        dead.extend(processed.dead_letters);
-        for event in processed.events {
-            if !config.apply.replicate.contains(&event.entity) {
-                summary.not_replicated += 1;
-                continue;
-            }
-            if event.targets.is_empty() {
-                // A router chose no region: as good as dropped.
-                tracing::debug!(event = %event.id, "no target region left; not applied");
-                summary.dropped += 1;
-                continue;
-            }
-            let mut applied = false;
-            for region in &event.targets {
-                match plan(&event, region) {
-                    Ok(calls) => {
-                        sink.apply(&event, &calls)?;
-                        summary.calls += calls.len() as u64;
-                        applied = true;
-                    }
-                    Err(e) => {
-                        dead.push(DeadLetter::for_event("plan", format!("{region}: {e}"), event.clone()));
-                    }
-                }
-            }
-            if applied {
-                *summary.applied.entry(entity_key(event.entity)).or_default() += 1;
-            }
-        }
+        dead.extend(apply_events(config, pipeline, sink, 0, events, &mut summary)?);
         for letter in &dead {
             dead_letters(letter).map_err(RunError::DeadLetter)?;
         }
         summary.dead_letters += dead.len() as u64;
     }
+}
+
+/// Runs decoded events through the stages from `first_stage` on, plans them
+/// and applies them; returns the dead letters of the batch.
+pub fn apply_events(
+    config: &config::Pipeline,
+    pipeline: &mut Pipeline,
+    sink: &mut dyn Sink,
+    first_stage: usize,
+    events: Vec<crate::event::Event>,
+    summary: &mut Summary,
+) -> Result<Vec<DeadLetter>, RunError> {
+    let mut dead = Vec::new();
+    let processed = pipeline.process_from(first_stage, events)?;
+    summary.dropped += processed.dropped.len() as u64;
+    summary.skipped_stages += processed.skipped as u64;
+    dead.extend(processed.dead_letters);
+    let mut jobs = Vec::new();
+    for event in processed.events {
+        if !config.apply.replicate.contains(&event.entity) {
+            summary.not_replicated += 1;
+            continue;
+        }
+        if event.targets.is_empty() {
+            // A router chose no region: as good as dropped.
+            tracing::debug!(event = %event.id, "no target region left; not applied");
+            summary.dropped += 1;
+            continue;
+        }
+        for region in &event.targets {
+            // A stage may name any region; only the pipeline's targets are written to.
+            if !config.targets.contains(region) {
+                let reason =
+                    format!("target {region} is not one of the pipeline's targets ({})", config.targets.join(", "));
+                dead.push(DeadLetter::for_event("plan", reason, for_region(&event, region)));
+                continue;
+            }
+            match plan(&event, region) {
+                Ok(calls) => jobs.push(Job { event: event.clone(), region: region.clone(), calls }),
+                Err(e) => {
+                    dead.push(DeadLetter::for_event("plan", format!("{region}: {e}"), for_region(&event, region)))
+                }
+            }
+        }
+    }
+    let results = sink.apply(&jobs)?;
+    let mut applied_ids = std::collections::HashSet::new();
+    for (job, result) in jobs.into_iter().zip(results) {
+        match result {
+            JobResult::Applied => {
+                summary.calls += job.calls.len() as u64;
+                if applied_ids.insert((job.event.id.clone(), job.event.name.clone(), job.event.entity)) {
+                    *summary.applied.entry(entity_key(job.event.entity)).or_default() += 1;
+                }
+            }
+            JobResult::Stale => summary.stale += 1,
+            JobResult::Failed(reason) => {
+                let mut event = job.event;
+                // A replay retries this region only; the others have it.
+                event.targets = vec![job.region.clone()];
+                dead.push(DeadLetter::for_event("apply", format!("{}: {reason}", job.region), event));
+            }
+        }
+    }
+    Ok(dead)
+}
+
+fn for_region(event: &crate::event::Event, region: &str) -> crate::event::Event {
+    let mut event = event.clone();
+    event.targets = vec![region.to_string()];
+    event
+}
+
+/// What `dead-letters replay` did.
+#[derive(Debug, Default, Clone, PartialEq, Serialize)]
+pub struct ReplayReport {
+    /// Letters whose change went through this time; they are removed.
+    pub replayed: u64,
+    /// Letters that failed again; they are kept, with the new reason.
+    pub still_failing: u64,
+    pub summary: Summary,
+}
+
+/// Replays stored dead letters (those in `ids`, or all): each re-enters the
+/// pipeline where it left it (a stage, planning or applying; an undecodable
+/// record is decoded again).
+pub fn replay(
+    config: &config::Pipeline,
+    pipeline: &mut Pipeline,
+    sink: &mut dyn Sink,
+    store: &StateStore,
+    ids: Option<&[i64]>,
+) -> Result<ReplayReport, RunError> {
+    let mut report = ReplayReport::default();
+    let state = |e: crate::state::StateError| RunError::State(e.to_string());
+    for stored in store.dead_letters().map_err(state)? {
+        if ids.is_some_and(|ids| !ids.contains(&stored.id)) {
+            continue;
+        }
+        let letter = &stored.letter;
+        let entry = match (letter.stage.as_str(), &letter.event, &letter.record) {
+            ("decode", _, Some(record)) => match decode_line(record, &config.source_region) {
+                Ok(event) => Ok((0, event)),
+                Err(e) => Err(e.to_string()),
+            },
+            ("plan" | "apply", Some(event), _) => Ok((usize::MAX, event.clone())),
+            (stage, Some(event), _) => match pipeline.stage_index(stage) {
+                Some(index) => Ok((index, event.clone())),
+                None => Err(format!("stage `{stage}` is no longer in the pipeline")),
+            },
+            _ => Err("nothing to replay: the letter holds neither an event nor a record".to_string()),
+        };
+        let dead = match entry {
+            Ok((first_stage, event)) => {
+                apply_events(config, pipeline, sink, first_stage, vec![event], &mut report.summary)?
+            }
+            Err(reason) => {
+                tracing::warn!(id = stored.id, "dead letter not replayable: {reason}");
+                report.still_failing += 1;
+                continue;
+            }
+        };
+        store.remove_dead_letters(Some(&[stored.id])).map_err(state)?;
+        if dead.is_empty() {
+            report.replayed += 1;
+        } else {
+            report.still_failing += 1;
+            for letter in &dead {
+                store.add_dead_letter(letter).map_err(state)?;
+            }
+        }
+    }
+    Ok(report)
 }
 
 fn entity_key(entity: Entity) -> String {

@@ -2,6 +2,8 @@
 //! engine with a compile cache that outlives one test, and event builders.
 #![allow(dead_code)] // each test file uses a different part of this
 
+pub mod moto;
+
 use iotdr::event::{Entity, Event, Operation};
 use iotdr::plugin::{Fate, PluginEngine, StageLimits, StageRunner};
 use std::path::PathBuf;

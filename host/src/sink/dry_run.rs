@@ -1,8 +1,6 @@
 //! Prints each planned call as one JSON line instead of sending it.
 
-use super::{Sink, SinkError};
-use crate::event::Event;
-use crate::plan::Call;
+use super::{Job, JobResult, Sink, SinkError};
 use std::io::Write;
 
 pub struct DryRun<W: Write> {
@@ -16,11 +14,11 @@ impl<W: Write> DryRun<W> {
 }
 
 impl<W: Write> Sink for DryRun<W> {
-    fn apply(&mut self, _event: &Event, calls: &[Call]) -> Result<(), SinkError> {
-        for call in calls {
+    fn apply(&mut self, jobs: &[Job]) -> Result<Vec<JobResult>, SinkError> {
+        for call in jobs.iter().flat_map(|job| &job.calls) {
             writeln!(self.out, "{}", call.to_redacted_json())?;
         }
         self.out.flush()?;
-        Ok(())
+        Ok(vec![JobResult::Applied; jobs.len()])
     }
 }

@@ -1,7 +1,9 @@
 //! Where planned calls go: the AWS APIs of the target regions, or (dry run) standard output.
 
+mod aws;
 mod dry_run;
 
+pub use aws::{AwsSink, AwsSinkError};
 pub use dry_run::DryRun;
 
 use crate::event::Event;
@@ -11,9 +13,28 @@ use crate::plan::Call;
 pub enum SinkError {
     #[error("writing the dry-run output: {0}")]
     Output(#[from] std::io::Error),
+    #[error("the state store failed: {0}")]
+    State(String),
+}
+
+/// One event's calls for one target region.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Job {
+    pub event: Event,
+    pub region: String,
+    pub calls: Vec<Call>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum JobResult {
+    Applied,
+    /// Older than what the region already has (a shadow version): nothing to do.
+    Stale,
+    /// The change could not be made; the reason names the operation and the error.
+    Failed(String),
 }
 
 pub trait Sink {
-    /// Applies the calls that carry out `event` in one region, in order.
-    fn apply(&mut self, event: &Event, calls: &[Call]) -> Result<(), SinkError>;
+    /// Applies a batch of jobs, in source order where order matters. One result per job.
+    fn apply(&mut self, jobs: &[Job]) -> Result<Vec<JobResult>, SinkError>;
 }

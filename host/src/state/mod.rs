@@ -1,5 +1,8 @@
-//! What a run keeps between restarts: dead letters (and, with apply, checkpoints).
+//! What a run keeps between restarts: dead letters, what exists in the
+//! targets, shadow versions and checkpoints (SQLite, `store`).
 
 mod dead_letters;
+mod store;
 
-pub use dead_letters::{DeadLetter, DeadLetterStore};
+pub use dead_letters::DeadLetter;
+pub use store::{StateError, StateStore, StoredDeadLetter};

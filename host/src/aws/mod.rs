@@ -1,0 +1,12 @@
+//! The AWS side of a run: SDK clients per region, error classification, rate
+//! limits with retries, and the applier that turns planned calls into changes.
+
+mod apply;
+mod clients;
+mod errors;
+mod rate;
+
+pub use apply::{Applied, Applier, ApplyError, DependencyWait};
+pub use clients::RegionClients;
+pub use errors::{AwsError, ErrorKind};
+pub use rate::{CallStats, DEFAULT_RATES, Limiter, RetryPolicy};

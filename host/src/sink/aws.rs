@@ -1,0 +1,90 @@
+//! Applies jobs to the target regions through the AWS SDK: dependency levels
+//! from `order`, concurrency within a level, the applier for each job.
+
+use super::{Job, JobResult, Sink, SinkError};
+use crate::aws::{
+    Applied, Applier, ApplyError, AwsError, CallStats, DependencyWait, Limiter, RegionClients, RetryPolicy,
+};
+use crate::config;
+use crate::state::StateStore;
+use futures_util::StreamExt;
+use std::collections::HashMap;
+use std::sync::Arc;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AwsSinkError {
+    #[error("cannot start the async runtime: {0}")]
+    Runtime(std::io::Error),
+    #[error("connecting to {region}: {error}")]
+    Connect { region: String, error: AwsError },
+}
+
+pub struct AwsSink {
+    runtime: tokio::runtime::Runtime,
+    applier: Applier,
+    concurrency: usize,
+}
+
+impl AwsSink {
+    /// Connects to every target region of the pipeline.
+    pub fn connect(pipeline: &config::Pipeline, state: Arc<StateStore>) -> Result<AwsSink, AwsSinkError> {
+        let runtime =
+            tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(AwsSinkError::Runtime)?;
+        let apply = &pipeline.apply;
+        let regions = runtime.block_on(async {
+            let mut regions = HashMap::new();
+            for region in &pipeline.targets {
+                let settings = pipeline.regions.get(region).cloned().unwrap_or_default();
+                let clients = RegionClients::connect(region, &settings)
+                    .await
+                    .map_err(|error| AwsSinkError::Connect { region: region.clone(), error })?;
+                regions.insert(region.clone(), clients);
+            }
+            Ok::<_, AwsSinkError>(regions)
+        })?;
+        let retry = RetryPolicy {
+            max_attempts: apply.max_attempts,
+            initial_backoff: apply.initial_backoff,
+            max_backoff: apply.max_backoff,
+        };
+        let rates = apply.rate_limits.iter().map(|(k, v)| (k.clone(), *v)).collect();
+        let limiter = Arc::new(Limiter::new(&rates, retry));
+        let wait = DependencyWait { attempts: apply.dependency_attempts, pause: apply.dependency_pause };
+        Ok(AwsSink { runtime, applier: Applier::new(regions, limiter, state, wait), concurrency: apply.concurrency })
+    }
+
+    /// Requests sent so far.
+    pub fn stats(&self) -> CallStats {
+        self.applier.limiter().stats()
+    }
+}
+
+impl Sink for AwsSink {
+    fn apply(&mut self, jobs: &[Job]) -> Result<Vec<JobResult>, SinkError> {
+        let levels = crate::order::levels(jobs.iter().map(|j| (j.region.as_str(), &j.event)));
+        let mut results: Vec<Option<JobResult>> = vec![None; jobs.len()];
+        let top = levels.iter().copied().max().unwrap_or(0);
+        let applier = &self.applier;
+        let concurrency = self.concurrency;
+        self.runtime.block_on(async {
+            for level in 0..=top {
+                let runs = jobs
+                    .iter()
+                    .enumerate()
+                    .filter(|(i, _)| levels[*i] == level)
+                    .map(|(i, job)| async move { (i, applier.apply(&job.event, &job.region, &job.calls).await) });
+                let mut done = futures_util::stream::iter(runs).buffer_unordered(concurrency);
+                while let Some((index, result)) = done.next().await {
+                    results[index] = Some(match result {
+                        Ok(Applied::Done) => JobResult::Applied,
+                        Ok(Applied::Stale) => JobResult::Stale,
+                        Err(ApplyError::State(e)) => return Err(SinkError::State(e.to_string())),
+                        Err(e) => JobResult::Failed(e.to_string()),
+                    });
+                }
+            }
+            Ok(())
+        })?;
+        Ok(results.into_iter().map(|r| r.expect("every level ran")).collect())
+    }
+}

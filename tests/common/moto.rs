@@ -1,0 +1,69 @@
+//! A moto server for one test: started by the project's own script on a free
+//! loopback port, stopped when dropped (also when the test panics).
+
+use std::process::Command;
+
+pub struct Moto {
+    pub url: String,
+}
+
+impl Moto {
+    pub fn start() -> Moto {
+        let script = super::root().join("scripts/moto.sh");
+        let out = Command::new("bash").arg(&script).arg("start").output().expect("bash runs");
+        assert!(out.status.success(), "scripts/moto.sh start failed:\n{}", String::from_utf8_lossy(&out.stderr));
+        let url = String::from_utf8(out.stdout).expect("UTF-8").trim().to_string();
+        assert!(url.starts_with("http://127.0.0.1:"), "unexpected moto address {url:?}");
+        Moto { url }
+    }
+
+    fn port(&self) -> &str {
+        self.url.rsplit(':').next().expect("a port")
+    }
+
+    /// SDK config for `region` on this server, with moto's dummy credentials.
+    pub async fn sdk_config(&self, region: &str) -> aws_config::SdkConfig {
+        use aws_smithy_http_client::tls::{self, rustls_provider::CryptoMode};
+        let http =
+            aws_smithy_http_client::Builder::new().tls_provider(tls::Provider::Rustls(CryptoMode::Ring)).build_https();
+        aws_config::defaults(aws_config::BehaviorVersion::latest())
+            .region(aws_config::Region::new(region.to_string()))
+            .endpoint_url(&self.url)
+            .http_client(http)
+            .credentials_provider(aws_sdk_iot::config::Credentials::new(
+                "testing",
+                "testing",
+                None,
+                None,
+                "iotdr-tests",
+            ))
+            .load()
+            .await
+    }
+
+    pub async fn iot(&self, region: &str) -> aws_sdk_iot::Client {
+        aws_sdk_iot::Client::new(&self.sdk_config(region).await)
+    }
+
+    pub async fn data(&self, region: &str) -> aws_sdk_iotdataplane::Client {
+        aws_sdk_iotdataplane::Client::new(&self.sdk_config(region).await)
+    }
+
+    /// Environment for an `iotdr` process that talks to this server.
+    pub fn env(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("AWS_ACCESS_KEY_ID", "testing".into()),
+            ("AWS_SECRET_ACCESS_KEY", "testing".into()),
+            ("AWS_EC2_METADATA_DISABLED", "true".into()),
+            ("AWS_CONFIG_FILE", "/dev/null".into()),
+            ("AWS_SHARED_CREDENTIALS_FILE", "/dev/null".into()),
+        ]
+    }
+}
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        let script = super::root().join("scripts/moto.sh");
+        let _ = Command::new("bash").arg(&script).arg("stop").arg(self.port()).output();
+    }
+}
