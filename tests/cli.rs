@@ -180,7 +180,7 @@ fn plugin_test_prints_an_outcome_per_event_and_fails_on_failures() {
     assert_eq!(out.status.code(), Some(1));
     assert!(text(&out.stderr).contains("unknown field `x`"), "{}", text(&out.stderr));
 
-    // Failures and undecodable lines make the exit code 2.
+    // Failures and undecodable lines make the exit code 3.
     let dir = tempfile::tempdir().unwrap();
     let events = dir.path().join("events.jsonl");
     std::fs::write(
@@ -201,7 +201,7 @@ fn plugin_test_prints_an_outcome_per_event_and_fails_on_failures() {
         ],
         &root,
     );
-    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out.stderr));
     let lines: Vec<Value> = text(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     let outcomes: Vec<&str> = lines.iter().map(|l| l["outcome"].as_str().unwrap()).collect();
     assert_eq!(outcomes, vec!["invalid", "fail"]);

@@ -241,11 +241,15 @@ impl Pipeline {
 
     /// Parses `text` as if read from `file`; `env` resolves `${VAR}`.
     pub fn parse(file: &Path, text: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Pipeline, ConfigError> {
-        let at = |span: Range<usize>, message: String| {
-            let (line, column) = line_column(text, span.start);
+        let original = text;
+        let at_original = |offset: usize, message: String| {
+            let (line, column) = line_column(original, offset);
             ConfigError { file: file.to_path_buf(), line, column, message }
         };
-        let text = interpolate(text, env).map_err(|(offset, message)| at(offset..offset, message))?;
+        let (text, substitutions) = interpolate(text, env).map_err(|(offset, message)| at_original(offset, message))?;
+        // Spans point into the interpolated text; errors name places in the file as written.
+        let at =
+            |span: Range<usize>, message: String| at_original(original_offset(&substitutions, span.start), message);
         let raw: RawFile = toml::from_str(&text).map_err(|e| at(e.span().unwrap_or(0..0), e.message().to_string()))?;
         let base = file.parent().unwrap_or(Path::new("."));
 
@@ -433,16 +437,28 @@ pub fn check_region(name: &str) -> Result<(), String> {
     if ok { Ok(()) } else { Err(format!("`{name}` is not an AWS region name (like eu-west-1)")) }
 }
 
-/// Replaces `${NAME}` and `${NAME:-default}`; `$${` is a literal `${`.
-/// Errors carry the byte offset of the reference.
-fn interpolate(text: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<String, (usize, String)> {
+/// One replacement made by [`interpolate`]: `out` in the result stands for `original` in the file.
+struct Substitution {
+    out: Range<usize>,
+    original: Range<usize>,
+}
+
+/// Replaces `${NAME}` and `${NAME:-default}` (the default when NAME is unset);
+/// `$${` is a literal `${`. Errors carry the byte offset of the reference.
+fn interpolate(
+    text: &str,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<(String, Vec<Substitution>), (usize, String)> {
     let mut out = String::with_capacity(text.len());
+    let mut substitutions = Vec::new();
     let mut rest = text;
     let mut offset = 0;
     while let Some(start) = rest.find("${") {
         if rest[..start].ends_with('$') {
             out.push_str(&rest[..start - 1]);
+            let from = out.len();
             out.push_str("${");
+            substitutions.push(Substitution { out: from..out.len(), original: offset + start - 1..offset + start + 2 });
             rest = &rest[start + 2..];
             offset += start + 2;
             continue;
@@ -458,20 +474,43 @@ fn interpolate(text: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Strin
         if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
             return Err((offset + start, format!("`${{{reference}}}` is not a variable reference")));
         }
+        let consumed = start + 2 + end + 1;
         match env(name).or(default.map(str::to_string)) {
-            Some(value) => out.push_str(&value),
+            Some(value) => {
+                let from = out.len();
+                out.push_str(&value);
+                substitutions.push(Substitution { out: from..out.len(), original: offset + start..offset + consumed });
+            }
             None => return Err((offset + start, format!("environment variable {name} is not set"))),
         }
-        let consumed = start + 2 + end + 1;
         rest = &rest[consumed..];
         offset += consumed;
     }
     out.push_str(rest);
-    Ok(out)
+    Ok((out, substitutions))
+}
+
+/// Where an offset of the interpolated text was in the file as written; a
+/// place inside a substituted value maps to its `${...}`.
+fn original_offset(substitutions: &[Substitution], offset: usize) -> usize {
+    let mut shift: isize = 0;
+    for substitution in substitutions {
+        if offset < substitution.out.start {
+            break;
+        }
+        if offset < substitution.out.end {
+            return substitution.original.start;
+        }
+        shift = substitution.original.end as isize - substitution.out.end as isize;
+    }
+    offset.saturating_add_signed(shift)
 }
 
 fn line_column(text: &str, offset: usize) -> (usize, usize) {
-    let offset = offset.min(text.len());
+    let mut offset = offset.min(text.len());
+    while !text.is_char_boundary(offset) {
+        offset -= 1;
+    }
     let before = &text[..offset];
     let line = before.matches('\n').count() + 1;
     let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
@@ -486,12 +525,12 @@ mod tests {
     fn interpolation() {
         let env = |name: &str| (name == "HOST").then(|| "127.0.0.1".to_string());
         assert_eq!(
-            interpolate("url = \"http://${HOST}:${PORT:-5000}\"", &env).unwrap(),
+            interpolate("url = \"http://${HOST}:${PORT:-5000}\"", &env).unwrap().0,
             "url = \"http://127.0.0.1:5000\""
         );
-        assert_eq!(interpolate("a = \"$${HOST}\"", &env).unwrap(), "a = \"${HOST}\"");
+        assert_eq!(interpolate("a = \"$${HOST}\"", &env).unwrap().0, "a = \"${HOST}\"");
         assert_eq!(
-            interpolate("a = \"${NOPE}\"", &env).unwrap_err(),
+            interpolate("a = \"${NOPE}\"", &env).map(|r| r.0).unwrap_err(),
             (5, "environment variable NOPE is not set".into())
         );
         assert!(interpolate("a = \"${", &env).is_err());
@@ -509,5 +548,17 @@ mod tests {
     fn line_and_column() {
         assert_eq!(line_column("ab\ncd", 4), (2, 2));
         assert_eq!(line_column("ab", 0), (1, 1));
+        assert_eq!(line_column("é", 1), (1, 1), "inside a character: that character");
+    }
+
+    #[test]
+    fn errors_after_a_substitution_point_into_the_file_as_written() {
+        let text = "[pipeline]\nname = \"${LONG}\"\nsource_region = \"us-east-1\"\ntargets = [\"nowhere\"]\n[source]\nkind = \"scan\"\n";
+        let long = "x".repeat(200);
+        let env = |name: &str| (name == "LONG").then(|| long.clone());
+        let error = Pipeline::parse(Path::new("p.toml"), text, &env).unwrap_err();
+        assert_eq!((error.line, error.column), (4, 12), "{error}");
+        let error = Pipeline::parse(Path::new("p.toml"), "# é ${X:-}\n[oops", &|_| None).unwrap_err();
+        assert_eq!(error.line, 2, "{error}");
     }
 }

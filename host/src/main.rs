@@ -84,7 +84,8 @@ enum DeadLetterCommand {
 
 #[derive(Subcommand)]
 enum PluginCommand {
-    /// Runs one plug-in over events and prints keep, drop, split or fail per event.
+    /// Runs one plug-in over events and prints keep, drop, split or fail per event
+    /// (exit code 3 when an event failed or did not decode).
     Test {
         /// The plug-in component (.wasm).
         plugin: PathBuf,
@@ -223,9 +224,13 @@ fn execute(cli: Cli) -> Result<ExitCode> {
                 for (id, fate) in ids.into_iter().zip(runner.process(batch)) {
                     let line = match fate {
                         Fate::Kept(mut events) if events.len() == 1 => {
-                            serde_json::json!({ "id": id, "outcome": "keep", "event": events.pop() })
+                            let event = events.pop().map(iotdr::state::redacted);
+                            serde_json::json!({ "id": id, "outcome": "keep", "event": event })
                         }
-                        Fate::Kept(events) => serde_json::json!({ "id": id, "outcome": "split", "events": events }),
+                        Fate::Kept(events) => {
+                            let events: Vec<_> = events.into_iter().map(iotdr::state::redacted).collect();
+                            serde_json::json!({ "id": id, "outcome": "split", "events": events })
+                        }
                         Fate::Dropped(_, reason) => {
                             serde_json::json!({ "id": id, "outcome": "drop", "reason": reason })
                         }
@@ -240,7 +245,8 @@ fn execute(cli: Cli) -> Result<ExitCode> {
             for (metric, value) in runner.counters() {
                 eprintln!("counter {metric} = {value}");
             }
-            Ok(if failures == 0 { ExitCode::SUCCESS } else { ExitCode::from(2) })
+            // 3, not 2: clap exits 2 on a usage error.
+            Ok(if failures == 0 { ExitCode::SUCCESS } else { ExitCode::from(3) })
         }
     }
 }

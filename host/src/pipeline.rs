@@ -13,8 +13,9 @@ use std::sync::Arc;
 pub enum BuildError {
     #[error(transparent)]
     Load(#[from] LoadError),
-    #[error("{file}: stage `{stage}`: {source}")]
-    Start { file: PathBuf, stage: String, source: StartError },
+    // Not `source`: the message already carries it, and error chains would print it twice.
+    #[error("{file}: stage `{stage}`: {reason}")]
+    Start { file: PathBuf, stage: String, reason: StartError },
 }
 
 /// A stage whose policy is `halt` failed; the run must stop.
@@ -72,7 +73,7 @@ impl Pipeline {
                 }
             };
             let runner = StageRunner::start(&stage.name, plugin, stage.config_json.clone(), stage.limits.clone())
-                .map_err(|source| BuildError::Start { file: config.file.clone(), stage: stage.name.clone(), source })?;
+                .map_err(|reason| BuildError::Start { file: config.file.clone(), stage: stage.name.clone(), reason })?;
             stages.push(RunningStage { runner, on_error: stage.on_error });
         }
         Ok(Pipeline { targets: config.targets.clone(), stages })

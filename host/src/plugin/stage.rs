@@ -326,7 +326,13 @@ fn describe(error: &wasmtime::Error, store: &Store<StoreState>, limits: &StageLi
     if text.contains("forcing trap when growing memory") {
         return format!("exceeded its memory limit of {} MiB", limits.memory_bytes >> 20);
     }
-    let first_line = text.lines().next().unwrap_or("unknown failure").to_string();
+    // A trap's own words ("wasm `unreachable` instruction executed") are its
+    // root cause; the first line is only "error while executing at wasm backtrace".
+    let first_line = match error.downcast_ref::<Trap>() {
+        Some(trap) => trap.to_string(),
+        None => error.root_cause().to_string(),
+    };
+    let first_line = first_line.lines().next().unwrap_or("unknown failure").to_string();
     match &store.data().last_error {
         Some(logged) => format!("trapped: {first_line} (the plug-in reported: {logged})"),
         None => format!("trapped: {first_line}"),

@@ -51,8 +51,9 @@ impl DeadLetter {
     }
 }
 
-/// Certificate documents lose their PEM (replay fetches it again).
-fn redacted(mut event: Event) -> Event {
+/// The event without certificate PEMs in its document: what may be printed or
+/// stored (a replay fetches the PEM again).
+pub fn redacted(mut event: Event) -> Event {
     if event.entity == Entity::Certificate
         && let Some(document) = &event.document
         && let Ok(serde_json::Value::Object(mut map)) = serde_json::from_str(document)

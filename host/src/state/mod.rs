@@ -4,5 +4,5 @@
 mod dead_letters;
 mod store;
 
-pub use dead_letters::DeadLetter;
+pub use dead_letters::{DeadLetter, redacted};
 pub use store::{StateError, StateStore, StoredDeadLetter};

@@ -91,23 +91,38 @@ impl TestBatch {
             let all = self.events.take();
             let (mine, _): (Vec<_>, Vec<_>) = all.iter().cloned().partition(|e| wanted.contains(&e.entity));
             let sub = TestBatch::new(mine);
-            let mut sub_outcomes = stage.process(&crate::Batch::from_inner(&sub)).into_iter();
+            let sub_outcomes = stage.process(&crate::Batch::from_inner(&sub));
             let mut sub_events = sub.events.take().into_iter();
+            // Where each event of the sub-batch lands in the whole batch:
+            // wanted events in their places, copies made by `duplicate` after all.
+            let mut place: Vec<u32> = Vec::new();
             let mut merged = Vec::new();
-            let outcomes = all
-                .into_iter()
-                .map(|e| {
-                    if wanted.contains(&e.entity) {
-                        merged.push(sub_events.next().expect("one per wanted"));
-                        sub_outcomes.next().expect("one outcome per wanted event")
-                    } else {
-                        merged.push(e);
-                        Outcome::Keep
-                    }
-                })
-                .collect();
-            // Copies made by `duplicate` follow the originals.
-            merged.extend(sub_events);
+            let mut from_sub = Vec::new();
+            for e in all {
+                if wanted.contains(&e.entity) {
+                    place.push(merged.len() as u32);
+                    merged.push(sub_events.next().expect("one per wanted"));
+                    from_sub.push(true);
+                } else {
+                    merged.push(e);
+                    from_sub.push(false);
+                }
+            }
+            for copy in sub_events {
+                place.push(merged.len() as u32);
+                merged.push(copy);
+            }
+            let mut sub_outcomes = sub_outcomes.into_iter().map(|outcome| match outcome {
+                Outcome::Split(indices) => Outcome::Split(indices.into_iter().map(|i| place[i as usize]).collect()),
+                other => other,
+            });
+            let outcomes =
+                from_sub
+                    .into_iter()
+                    .map(|wanted| {
+                        if wanted { sub_outcomes.next().expect("one outcome per wanted event") } else { Outcome::Keep }
+                    })
+                    .collect();
             self.events.replace(merged);
             return outcomes;
         }
