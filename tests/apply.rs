@@ -4,10 +4,10 @@
 mod common;
 
 use common::moto::Moto;
+use common::runner::Run;
 use serde_json::{Value, json};
-use std::collections::HashMap;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::path::Path;
+use std::process::Output;
 
 const SOURCE: &str = "us-east-1";
 const TARGET: &str = "eu-west-1";
@@ -116,157 +116,20 @@ fn scenario() -> Vec<String> {
     ]
 }
 
-struct Run {
-    dir: tempfile::TempDir,
-    pipeline: PathBuf,
+fn pipeline(moto: &Moto, events: &[String], apply_extra: &str) -> Run {
+    Run::new(SOURCE, &moto.url, TARGET, &moto.url, events, apply_extra)
 }
 
-/// A pipeline without stages from `events` to the moto target, state in a temp folder.
-fn pipeline(moto: &Moto, events: &[String], apply_extra: &str) -> Run {
-    let dir = tempfile::tempdir().unwrap();
-    let events_path = dir.path().join("events.jsonl");
-    std::fs::write(&events_path, events.join("\n") + "\n").unwrap();
-    let pipeline = dir.path().join("pipeline.toml");
-    std::fs::write(
-        &pipeline,
-        format!(
-            r#"
-[pipeline]
-name = "apply-test"
-source_region = "{SOURCE}"
-targets = ["{TARGET}"]
-
-[regions.{TARGET}]
-endpoint_url = "{url}"
-
-[source]
-kind = "file"
-path = "events.jsonl"
-
-[apply]
-initial_backoff_ms = 10
-max_backoff_ms = 200
-{apply_extra}
-"#,
-            url = moto.url
-        ),
-    )
-    .unwrap();
-    Run { dir, pipeline }
+fn run(moto: &Moto, test: &Run) -> Value {
+    test.run(moto)
 }
 
 fn iotdr(moto: &Moto, dir: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_iotdr"))
-        .args(args)
-        .current_dir(dir)
-        .env("IOTDR_CACHE_DIR", common::cache_dir())
-        .envs(moto.env())
-        .output()
-        .expect("iotdr runs")
+    common::runner::iotdr(moto, dir, args)
 }
 
-fn run(moto: &Moto, run: &Run) -> Value {
-    let out = iotdr(moto, run.dir.path(), &["run", run.pipeline.to_str().unwrap(), "--until-idle"]);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "iotdr run failed:\n{stderr}");
-    let line =
-        stderr.lines().find(|l| l.starts_with("summary: ")).unwrap_or_else(|| panic!("no summary in:\n{stderr}"));
-    serde_json::from_str(line.trim_start_matches("summary: ")).unwrap()
-}
-
-/// Everything a test compares about the target region.
 async fn target_state(moto: &Moto) -> Value {
-    let iot = moto.iot(TARGET).await;
-    let data = moto.data(TARGET).await;
-    let mut things = serde_json::Map::new();
-    for thing in iot.list_things().send().await.unwrap().things.unwrap_or_default() {
-        let name = thing.thing_name.unwrap();
-        let described = iot.describe_thing().thing_name(&name).send().await.unwrap();
-        let groups: Vec<String> = iot
-            .list_thing_groups_for_thing()
-            .thing_name(&name)
-            .send()
-            .await
-            .unwrap()
-            .thing_groups
-            .unwrap_or_default()
-            .into_iter()
-            .filter_map(|g| g.group_name)
-            .collect();
-        let mut shadows = serde_json::Map::new();
-        let named =
-            data.list_named_shadows_for_thing().thing_name(&name).send().await.unwrap().results.unwrap_or_default();
-        for shadow in std::iter::once(None).chain(named.into_iter().map(Some)) {
-            if let Ok(got) = data.get_thing_shadow().thing_name(&name).set_shadow_name(shadow.clone()).send().await {
-                let document: Value = serde_json::from_slice(got.payload.unwrap().as_ref()).unwrap();
-                shadows.insert(
-                    shadow.unwrap_or_else(|| "classic".into()),
-                    json!({ "state": document["state"], "version": document["version"] }),
-                );
-            }
-        }
-        let attributes: HashMap<String, String> = described.attributes.unwrap_or_default();
-        things.insert(
-            name,
-            json!({
-                "type": described.thing_type_name,
-                "attributes": attributes,
-                "groups": groups,
-                "billing_group": described.billing_group_name,
-                "shadows": shadows,
-            }),
-        );
-    }
-    let mut types = serde_json::Map::new();
-    for t in iot.list_thing_types().send().await.unwrap().thing_types.unwrap_or_default() {
-        let properties = t.thing_type_properties.unwrap();
-        types.insert(
-            t.thing_type_name.unwrap(),
-            json!({
-                "description": properties.thing_type_description,
-                "searchable": properties.searchable_attributes,
-                "deprecated": t.thing_type_metadata.map(|m| m.deprecated),
-            }),
-        );
-    }
-    let mut groups = serde_json::Map::new();
-    for g in iot.list_thing_groups().send().await.unwrap().thing_groups.unwrap_or_default() {
-        let name = g.group_name.unwrap();
-        let described = iot.describe_thing_group().thing_group_name(&name).send().await.unwrap();
-        let properties = described.thing_group_properties.unwrap();
-        groups.insert(
-            name,
-            json!({
-                "parent": described.thing_group_metadata.and_then(|m| m.parent_group_name),
-                "description": properties.thing_group_description,
-                "attributes": properties.attribute_payload.and_then(|p| p.attributes).unwrap_or_default(),
-            }),
-        );
-    }
-    let mut policies = serde_json::Map::new();
-    for p in iot.list_policies().send().await.unwrap().policies.unwrap_or_default() {
-        let name = p.policy_name.unwrap();
-        let got = iot.get_policy().policy_name(&name).send().await.unwrap();
-        let versions = iot.list_policy_versions().policy_name(&name).send().await.unwrap();
-        policies.insert(
-            name,
-            json!({
-                "document": serde_json::from_str::<Value>(&got.policy_document.unwrap()).unwrap(),
-                "versions": versions.policy_versions.unwrap_or_default().len(),
-            }),
-        );
-    }
-    let billing: Vec<String> = iot
-        .list_billing_groups()
-        .send()
-        .await
-        .unwrap()
-        .billing_groups
-        .unwrap_or_default()
-        .into_iter()
-        .filter_map(|g| g.group_name)
-        .collect();
-    json!({ "things": things, "types": types, "groups": groups, "policies": policies, "billing_groups": billing })
+    common::region_state::region_state(moto, TARGET).await
 }
 
 #[tokio::test]
@@ -287,6 +150,7 @@ async fn a_fleets_changes_arrive_in_the_target_region() {
                 "groups": ["berlin-plant"],
                 "billing_group": null,
                 "shadows": {},
+                "certificates": [],
             },
             "pump-0002": {
                 "type": "sensor-v2",
@@ -301,6 +165,7 @@ async fn a_fleets_changes_arrive_in_the_target_region() {
                         "version": 1
                     },
                 },
+                "certificates": [],
             },
         }),
         "things: {state:#}"
@@ -402,4 +267,43 @@ async fn bad_input_becomes_dead_letters_and_the_rest_is_applied() {
     assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), 3);
     let out = iotdr(&moto, test.dir.path(), &["dead-letters", "purge", test.pipeline.to_str().unwrap(), "--all"]);
     assert!(String::from_utf8_lossy(&out.stdout).contains("removed 3"));
+}
+
+fn fixture_lines(name: &str) -> Vec<String> {
+    let path = common::root().join("tests/fixtures/aws").join(name);
+    std::fs::read_to_string(path).unwrap().lines().filter(|l| !l.trim().is_empty()).map(str::to_string).collect()
+}
+
+#[tokio::test]
+async fn every_aws_fixture_is_replicated() {
+    let moto = Moto::start();
+    // The shadow fixtures are about a thing that was replicated before them.
+    moto.iot(TARGET).await.create_thing().thing_name("pump-0002").send().await.unwrap();
+    // The JITR fixture's certificate must exist in the source to be fetched:
+    // register one there and point the event at it.
+    let created = moto.iot(SOURCE).await.create_keys_and_certificate().send().await.unwrap();
+    let id = created.certificate_id.unwrap();
+    let mut jitr: Value = serde_json::from_str(&fixture_lines("jitr.jsonl")[0]).unwrap();
+    jitr["payload"]["certificateId"] = id.clone().into();
+
+    let mut events = fixture_lines("registry.jsonl");
+    events.push(jitr.to_string());
+    events.extend(fixture_lines("shadow.jsonl"));
+    let test = pipeline(&moto, &events, "");
+    let summary = run(&moto, &test);
+    assert_eq!(summary["run"]["dead_letters"], 0, "{:?}", test.dead_letters(&moto));
+    assert_eq!(summary["run"]["records"], events.len());
+
+    let state = target_state(&moto).await;
+    assert_eq!(
+        state["types"]["sensor-v2"],
+        json!({ "description": "Second generation climate sensor", "searchable": ["site", "model"], "deprecated": true })
+    );
+    assert_eq!(state["groups"]["berlin-plant"]["parent"], "europe");
+    assert_eq!(state["groups"]["europe"]["attributes"], json!({ "tier": "gold" }));
+    assert!(state["things"].get("pump-0001").is_none(), "created, updated, grouped, then deleted");
+    assert_eq!(state["certificates"][&id]["status"], "PENDING_ACTIVATION");
+    let pump = &state["things"]["pump-0002"];
+    assert!(pump["shadows"].get("classic").is_none(), "the classic shadow was deleted last: {pump}");
+    assert_eq!(pump["shadows"]["maintenance"]["state"]["desired"], json!({ "window": "02:00-04:00" }));
 }

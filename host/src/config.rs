@@ -105,6 +105,8 @@ pub struct Apply {
     pub max_backoff: Duration,
     /// Requests per second per region, by AWS operation name, over the built-in defaults.
     pub rate_limits: BTreeMap<String, f64>,
+    /// Policies attached in the targets to every certificate that arrives through JITR.
+    pub jitr_policies: Vec<String>,
     /// How often a change whose dependency is missing in the target is retried, and the pause between.
     pub dependency_attempts: u32,
     pub dependency_pause: Duration,
@@ -120,6 +122,7 @@ impl Default for Apply {
             initial_backoff: Duration::from_millis(100),
             max_backoff: Duration::from_secs(20),
             rate_limits: BTreeMap::new(),
+            jitr_policies: Vec::new(),
             dependency_attempts: 4,
             dependency_pause: Duration::from_millis(250),
         }
@@ -207,6 +210,8 @@ struct RawApply {
     rate_limits: BTreeMap<Spanned<String>, Spanned<f64>>,
     dependency_attempts: Option<Spanned<i64>>,
     dependency_pause_ms: Option<Spanned<i64>>,
+    #[serde(default)]
+    jitr_policies: Vec<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -395,6 +400,7 @@ fn apply_settings(
             .map_or(defaults.initial_backoff, millis),
         max_backoff: bounded(&raw.max_backoff_ms, "max_backoff_ms", 1..3_600_001)?.map_or(defaults.max_backoff, millis),
         rate_limits,
+        jitr_policies: raw.jitr_policies,
         dependency_attempts: bounded(&raw.dependency_attempts, "dependency_attempts", 0..101)?
             .map_or(defaults.dependency_attempts, |n| n as u32),
         dependency_pause: bounded(&raw.dependency_pause_ms, "dependency_pause_ms", 0..600_001)?

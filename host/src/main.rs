@@ -2,6 +2,7 @@
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
+use iotdr::aws::BlockingFetcher;
 use iotdr::config::Pipeline as PipelineConfig;
 use iotdr::event::decode_line;
 use iotdr::pipeline::Pipeline;
@@ -46,6 +47,10 @@ enum Command {
         /// Exit once the source has nothing more, instead of waiting for new events.
         #[arg(long)]
         until_idle: bool,
+        /// In a dry run, still fetch what events lack (PEMs, policies,
+        /// attachments) from the source region, as a real run does.
+        #[arg(long)]
+        fetch: bool,
     },
     /// Lists, replays or purges the dead letters of a pipeline (kept in its state folder).
     DeadLetters {
@@ -144,7 +149,7 @@ fn execute(cli: Cli) -> Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
-        Command::Run { pipeline, dry_run, until_idle } => {
+        Command::Run { pipeline, dry_run, until_idle, fetch } => {
             let config = PipelineConfig::load(&pipeline)?;
             let iotdr::config::Source::File { path } = &config.source else {
                 bail!("{}: only the `file` source is available in this version", pipeline.display());
@@ -152,7 +157,17 @@ fn execute(cli: Cli) -> Result<ExitCode> {
             let engine = engine(cli.cache_dir)?;
             let mut built = Pipeline::build(&config, &engine)?;
             let mut source = FileSource::open(path).with_context(|| format!("opening {}", path.display()))?;
-            let options = Options { until_idle, poll_interval: Duration::from_millis(200) };
+            let mut fetcher =
+                if fetch || !dry_run {
+                    Some(BlockingFetcher::connect(&config).map_err(|e| {
+                        anyhow::anyhow!("connecting to the source region {}: {e}", config.source_region)
+                    })?)
+                } else {
+                    None
+                };
+            let complete =
+                fetcher.as_mut().map(|f| Box::new(move |events| f.complete(events)) as Box<iotdr::run::Complete>);
+            let mut options = Options { until_idle, poll_interval: Duration::from_millis(200), complete };
             if dry_run {
                 let stdout = std::io::stdout();
                 let mut sink = DryRun::new(stdout.lock());
@@ -161,7 +176,7 @@ fn execute(cli: Cli) -> Result<ExitCode> {
                     eprintln!("dead letter: {}", serde_json::to_string(letter).expect("JSON"));
                     Ok(())
                 };
-                let summary = run_file(&config, &mut built, &mut source, &mut sink, &mut report, &options)?;
+                let summary = run_file(&config, &mut built, &mut source, &mut sink, &mut report, &mut options)?;
                 eprintln!("summary: {}", serde_json::to_string(&summary).expect("JSON"));
                 return Ok(ExitCode::SUCCESS);
             }
@@ -170,7 +185,7 @@ fn execute(cli: Cli) -> Result<ExitCode> {
             let mut store = |letter: &iotdr::state::DeadLetter| {
                 state.add_dead_letter(letter).map(drop).map_err(|e| std::io::Error::other(e.to_string()))
             };
-            let summary = run_file(&config, &mut built, &mut source, &mut sink, &mut store, &options)?;
+            let summary = run_file(&config, &mut built, &mut source, &mut sink, &mut store, &mut options)?;
             let stats = sink.stats();
             let changes = summary.applied_events();
             eprintln!(

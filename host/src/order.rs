@@ -53,18 +53,36 @@ pub fn dependencies(event: &Event) -> Vec<String> {
 /// A level per change: every change of level n may run once all changes of
 /// lower levels are done, concurrently with the rest of level n. `changes`
 /// are (region, event) in source order; regions never wait for each other.
+///
+/// A change writes its own key and reads its dependencies' keys. It waits for
+/// the last earlier write of every key it touches, and a write also waits for
+/// the reads since the previous write: a type is deprecated only after the
+/// things created with it, a group deleted only after its members came and went.
 pub fn levels<'a>(changes: impl IntoIterator<Item = (&'a str, &'a Event)>) -> Vec<usize> {
-    let mut last: HashMap<(&str, String), usize> = HashMap::new();
+    #[derive(Default)]
+    struct Key {
+        last_write: Option<usize>,
+        reads_since_write: Option<usize>,
+    }
+    let mut keys: HashMap<(&str, String), Key> = HashMap::new();
     changes
         .into_iter()
         .map(|(region, event)| {
             let own = event.ordering_key();
-            let level = std::iter::once(own.clone())
-                .chain(dependencies(event))
-                .filter_map(|key| last.get(&(region, key)).copied())
-                .max()
-                .map_or(0, |l| l + 1);
-            last.insert((region, own), level);
+            let reads = dependencies(event);
+            let own_key = keys.get(&(region, own.clone()));
+            let after = own_key
+                .map(|k| k.last_write.max(k.reads_since_write))
+                .into_iter()
+                .chain(reads.iter().map(|key| keys.get(&(region, key.clone())).and_then(|k| k.last_write)))
+                .flatten()
+                .max();
+            let level = after.map_or(0, |l| l + 1);
+            keys.insert((region, own), Key { last_write: Some(level), reads_since_write: None });
+            for key in reads {
+                let entry = keys.entry((region, key)).or_default();
+                entry.reads_since_write = entry.reads_since_write.max(Some(level));
+            }
             level
         })
         .collect()
@@ -94,6 +112,17 @@ mod tests {
         ];
         let levels = levels(events.iter().map(|e| ("eu-west-1", e)));
         assert_eq!(levels, vec![0, 0, 1, 1, 0, 2, 1]);
+        // Things of one type do not wait for each other; deprecating the type waits for them.
+        let mut deprecated = event(Entity::ThingType, "sensor", &[]);
+        deprecated.operation = Operation::Updated;
+        let typed = [
+            event(Entity::ThingType, "sensor", &[]),
+            event(Entity::Thing, "a", &[("thing-type", "sensor")]),
+            event(Entity::Thing, "b", &[("thing-type", "sensor")]),
+            deprecated,
+            event(Entity::Thing, "c", &[("thing-type", "sensor")]),
+        ];
+        assert_eq!(super::levels(typed.iter().map(|e| ("eu-west-1", e))), vec![0, 1, 1, 2, 3]);
         // Another region does not wait for this one.
         let mixed = levels_of(&events[..2], &["eu-west-1", "eu-central-1"]);
         assert_eq!(mixed, vec![0, 0]);

@@ -40,7 +40,9 @@ pub fn plan(event: &Event, region: &str) -> Result<Vec<Call>, PlanError> {
             if let Some(thing_type) = event.related(related::THING_TYPE) {
                 input["thingTypeName"] = thing_type.into();
             }
-            vec![call("CreateThing", input)]
+            let mut calls = vec![call("CreateThing", input)];
+            calls.extend(attach_principals(event, region));
+            calls
         }
         (E::Thing, O::Updated) => {
             // The event carries every attribute the thing has now: replace, do
@@ -51,7 +53,9 @@ pub fn plan(event: &Event, region: &str) -> Result<Vec<Call>, PlanError> {
                 Some(thing_type) => input["thingTypeName"] = thing_type.into(),
                 None => input["removeThingType"] = true.into(),
             }
-            vec![call("UpdateThing", input)]
+            let mut calls = vec![call("UpdateThing", input)];
+            calls.extend(attach_principals(event, region));
+            calls
         }
         // The applier first detaches the principals and deletes the shadows it
         // finds on the thing in the target, then deletes it.
@@ -200,6 +204,25 @@ impl Call {
 
 fn certificate_arn(event: &Event, region: &str) -> String {
     format!("arn:aws:iot:{region}:{}:cert/{}", event.account_id, event.name)
+}
+
+/// The thing's certificates (fetched from the source at ingest), attached in
+/// the target. The ARN names the source's account; the applier uses the
+/// certificate's ARN in the target.
+fn attach_principals(event: &Event, region: &str) -> Vec<Call> {
+    event
+        .related
+        .iter()
+        .filter(|(kind, _)| kind == related::PRINCIPAL)
+        .map(|(_, id)| Call {
+            region: region.to_string(),
+            operation: "AttachThingPrincipal",
+            input: json!({
+                "thingName": event.name,
+                "principal": format!("arn:aws:iot:{region}:{}:cert/{id}", event.account_id),
+            }),
+        })
+        .collect()
 }
 
 fn document(event: &Event) -> Result<Map<String, Value>, PlanError> {

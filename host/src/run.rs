@@ -3,7 +3,7 @@
 //! the sink. Every record ends applied, dropped by a stage, or dead-lettered.
 
 use crate::config;
-use crate::event::{Entity, decode_line};
+use crate::event::{Entity, Event, decode_line};
 use crate::pipeline::{Halted, Pipeline};
 use crate::plan::plan;
 use crate::sink::{Job, JobResult, Sink, SinkError};
@@ -50,10 +50,16 @@ impl Summary {
     }
 }
 
-pub struct Options {
+/// Completes decoded events from the source region (see `aws::SourceFetcher`):
+/// returns the events, with any it needs before them, and those it could not complete.
+pub type Complete<'a> = dyn FnMut(Vec<Event>) -> (Vec<Event>, Vec<DeadLetter>) + 'a;
+
+pub struct Options<'a> {
     /// Stop when the source has nothing more instead of waiting for more.
     pub until_idle: bool,
     pub poll_interval: Duration,
+    /// Fetch what events lack from the source region; `None` applies them as they are.
+    pub complete: Option<Box<Complete<'a>>>,
 }
 
 /// Runs `pipeline` over a file source until it is idle (or forever when following).
@@ -63,7 +69,7 @@ pub fn run_file(
     source: &mut FileSource,
     sink: &mut dyn Sink,
     dead_letters: &mut dyn FnMut(&DeadLetter) -> std::io::Result<()>,
-    options: &Options,
+    options: &mut Options,
 ) -> Result<Summary, RunError> {
     let mut summary = Summary::default();
     let mut context = crate::context::ThingContext::default();
@@ -90,6 +96,11 @@ pub fn run_file(
                 Err(e) => dead.push(DeadLetter::for_record(e.to_string(), &record.text, record.origin)),
             }
         }
+        if let Some(complete) = options.complete.as_mut() {
+            let (completed, failed) = complete(events);
+            dead.extend(failed);
+            events = completed;
+        }
         dead.extend(apply_events(config, pipeline, sink, 0, events, &mut summary)?);
         for letter in &dead {
             dead_letters(letter).map_err(RunError::DeadLetter)?;
@@ -105,7 +116,7 @@ pub fn apply_events(
     pipeline: &mut Pipeline,
     sink: &mut dyn Sink,
     first_stage: usize,
-    events: Vec<crate::event::Event>,
+    events: Vec<Event>,
     summary: &mut Summary,
 ) -> Result<Vec<DeadLetter>, RunError> {
     let mut dead = Vec::new();

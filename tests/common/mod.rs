@@ -2,7 +2,11 @@
 //! engine with a compile cache that outlives one test, and event builders.
 #![allow(dead_code)] // each test file uses a different part of this
 
+pub mod faults;
+pub mod fleet;
 pub mod moto;
+pub mod region_state;
+pub mod runner;
 
 use iotdr::event::{Entity, Event, Operation};
 use iotdr::plugin::{Fate, PluginEngine, StageLimits, StageRunner};

@@ -25,6 +25,10 @@ mod known {
     pub const CERTIFICATE: &str = "certificate";
     /// Value: SHA-256 of the default version's document.
     pub const POLICY: &str = "policy";
+    /// A thing–principal attachment, named `<thing> <certificate ARN>`.
+    pub const ATTACHMENT: &str = "thing-principal";
+    /// A policy–certificate attachment, named `<policy> <certificate ARN>`.
+    pub const POLICY_ATTACHMENT: &str = "policy-attachment";
 }
 
 #[derive(Debug, Default)]
@@ -247,13 +251,18 @@ impl Applier {
             "AttachThingPrincipal" => {
                 let thing = text(call, "thingName")?;
                 let arn = self.principal_in_target(c, text(call, "principal")?).await?;
+                let attachment = format!("{thing} {arn}");
+                if self.state.known(region, known::ATTACHMENT, &attachment)?.is_some() {
+                    return Ok(());
+                }
                 send!(
                     self,
                     region,
                     "AttachThingPrincipal",
                     c.iot.attach_thing_principal().thing_name(thing).principal(&arn)
-                )
-                .map(drop)
+                )?;
+                self.state.set_known(region, known::ATTACHMENT, &attachment, "1")?;
+                Ok(())
             }
             "CreateThingType" => {
                 let properties = call.input.get("thingTypeProperties");
@@ -444,7 +453,13 @@ impl Applier {
             "AttachPolicy" => {
                 let policy = text(call, "policyName")?;
                 let target = self.principal_in_target(c, text(call, "target")?).await?;
-                send!(self, region, "AttachPolicy", c.iot.attach_policy().policy_name(policy).target(&target)).map(drop)
+                let attachment = format!("{policy} {target}");
+                if self.state.known(region, known::POLICY_ATTACHMENT, &attachment)?.is_some() {
+                    return Ok(());
+                }
+                send!(self, region, "AttachPolicy", c.iot.attach_policy().policy_name(policy).target(&target))?;
+                self.state.set_known(region, known::POLICY_ATTACHMENT, &attachment, "1")?;
+                Ok(())
             }
             "CreatePolicy" | "CreatePolicyVersion" => self.put_policy(c, call).await,
             "DeletePolicy" => self.delete_policy(c, text(call, "policyName")?).await,
@@ -539,6 +554,7 @@ impl Applier {
         match principals {
             Ok(listed) => {
                 for principal in listed.principals.unwrap_or_default() {
+                    self.state.forget(region, known::ATTACHMENT, &format!("{thing} {principal}"))?;
                     ok_if_not_found(
                         send!(
                             self,
@@ -729,6 +745,7 @@ impl Applier {
         };
         let things = send!(self, region, "ListPrincipalThings", c.iot.list_principal_things().principal(&arn))?;
         for thing in things.things.unwrap_or_default() {
+            self.state.forget(region, known::ATTACHMENT, &format!("{thing} {arn}"))?;
             ok_if_not_found(
                 send!(
                     self,
@@ -754,6 +771,7 @@ impl Applier {
                 .map(drop),
         )?;
         self.state.forget(region, known::CERTIFICATE, id)?;
+        self.state.forget_ending(region, known::POLICY_ATTACHMENT, &format!(" {arn}"))?;
         Ok(())
     }
 
@@ -827,6 +845,7 @@ impl Applier {
                 Err(e) => return Err(e),
             };
         for target in targets {
+            self.state.forget(region, known::POLICY_ATTACHMENT, &format!("{name} {target}"))?;
             ok_if_not_found(
                 send!(self, region, "DetachPolicy", c.iot.detach_policy().policy_name(name).target(&target)).map(drop),
             )?;

@@ -4,9 +4,11 @@
 mod apply;
 mod clients;
 mod errors;
+mod fetch;
 mod rate;
 
 pub use apply::{Applied, Applier, ApplyError, DependencyWait};
 pub use clients::RegionClients;
 pub use errors::{AwsError, ErrorKind};
+pub use fetch::{BlockingFetcher, SourceFetcher};
 pub use rate::{CallStats, DEFAULT_RATES, Limiter, RetryPolicy};

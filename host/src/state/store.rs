@@ -153,6 +153,17 @@ impl StateStore {
         })
     }
 
+    /// Forgets every `kind` entry of `region` whose name ends with `suffix`.
+    pub fn forget_ending(&self, region: &str, kind: &str, suffix: &str) -> Result<(), StateError> {
+        self.with(|c| {
+            c.execute(
+                "DELETE FROM known WHERE region = ?1 AND kind = ?2 AND substr(name, -length(?3)) = ?3",
+                params![region, kind, suffix],
+            )
+            .map(drop)
+        })
+    }
+
     // ---- shadows --------------------------------------------------------
 
     /// The newest source version of this shadow applied to `region`. The

@@ -1,0 +1,85 @@
+//! Runs the `iotdr` binary on a pipeline written for a test.
+
+use super::moto::Moto;
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+pub struct Run {
+    pub dir: tempfile::TempDir,
+    pub pipeline: PathBuf,
+}
+
+impl Run {
+    /// A pipeline without stages from `events` (a file) in `source` to
+    /// `target`, each at its endpoint; state in a temp folder; fast retries.
+    pub fn new(source: &str, source_url: &str, target: &str, target_url: &str, events: &[String], extra: &str) -> Run {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("events.jsonl"), events.join("\n") + "\n").unwrap();
+        let pipeline = dir.path().join("pipeline.toml");
+        std::fs::write(
+            &pipeline,
+            format!(
+                r#"
+[pipeline]
+name = "test"
+source_region = "{source}"
+targets = ["{target}"]
+
+[regions.{source}]
+endpoint_url = "{source_url}"
+
+[regions.{target}]
+endpoint_url = "{target_url}"
+
+[source]
+kind = "file"
+path = "events.jsonl"
+
+[apply]
+initial_backoff_ms = 10
+max_backoff_ms = 200
+{extra}
+"#
+            ),
+        )
+        .unwrap();
+        Run { dir, pipeline }
+    }
+
+    /// `iotdr run --until-idle`; asserts success and returns the summary.
+    pub fn run(&self, moto: &Moto) -> Value {
+        let out = iotdr(moto, self.dir.path(), &["run", self.pipeline.to_str().unwrap(), "--until-idle"]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        // IOTDR_TEST_LOG=<filter> keeps each run's log in the system temp folder.
+        if std::env::var_os("IOTDR_TEST_LOG").is_some() {
+            let log = std::env::temp_dir().join(format!("iotdr-test-{}.log", std::process::id()));
+            let mut file = std::fs::OpenOptions::new().create(true).append(true).open(&log).unwrap();
+            std::io::Write::write_all(&mut file, &out.stderr).unwrap();
+        }
+        assert!(out.status.success(), "iotdr run failed:\n{stderr}");
+        let line =
+            stderr.lines().find(|l| l.starts_with("summary: ")).unwrap_or_else(|| panic!("no summary in:\n{stderr}"));
+        serde_json::from_str(line.trim_start_matches("summary: ")).unwrap()
+    }
+}
+
+impl Run {
+    /// `iotdr dead-letters list`, parsed.
+    pub fn dead_letters(&self, moto: &Moto) -> Vec<Value> {
+        let out = iotdr(moto, self.dir.path(), &["dead-letters", "list", self.pipeline.to_str().unwrap()]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+    }
+}
+
+pub fn iotdr(moto: &Moto, dir: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_iotdr"))
+        .args(args)
+        .current_dir(dir)
+        .env("IOTDR_CACHE_DIR", super::cache_dir())
+        .env("IOTDR_LOG", std::env::var("IOTDR_TEST_LOG").unwrap_or_else(|_| "warn".into()))
+        .envs(moto.env())
+        .output()
+        .expect("iotdr runs")
+}
