@@ -307,3 +307,43 @@ async fn every_aws_fixture_is_replicated() {
     assert!(pump["shadows"].get("classic").is_none(), "the classic shadow was deleted last: {pump}");
     assert_eq!(pump["shadows"]["maintenance"]["state"]["desired"], json!({ "window": "02:00-04:00" }));
 }
+
+#[tokio::test]
+async fn the_global_registry_holds_every_thing_of_the_source() {
+    let moto = Moto::start();
+    let test = pipeline(&moto, &scenario(), r#"global_registry_table = "fleet-registry""#);
+    let summary = run(&moto, &test);
+    assert_eq!(summary["run"]["dead_letters"], 0, "{:?}", test.dead_letters(&moto));
+    let dynamodb = aws_sdk_dynamodb::Client::new(&moto.sdk_config(TARGET).await);
+    let items = dynamodb.scan().table_name("fleet-registry").send().await.unwrap().items.unwrap_or_default();
+    let mut things: Vec<Value> = items
+        .iter()
+        .map(|item| {
+            let s = |k: &str| item.get(k).and_then(|v| v.as_s().ok()).cloned();
+            let mut groups: Vec<String> =
+                item.get("thingGroups").and_then(|v| v.as_ss().ok()).cloned().unwrap_or_default();
+            groups.sort();
+            let attributes: std::collections::BTreeMap<String, String> = item
+                .get("attributes")
+                .and_then(|v| v.as_m().ok())
+                .map(|m| m.iter().map(|(k, v)| (k.clone(), v.as_s().unwrap().clone())).collect())
+                .unwrap_or_default();
+            json!({
+                "name": s("thingName"), "region": s("sourceRegion"), "state": s("state"), "type": s("thingType"),
+                "groups": groups, "attributes": attributes, "billing": s("billingGroup"),
+            })
+        })
+        .collect();
+    things.sort_by_key(|t| t["name"].as_str().unwrap().to_string());
+    assert_eq!(
+        things,
+        vec![
+            json!({ "name": "pump-0001", "region": "us-east-1", "state": "active", "type": "sensor-v2",
+                    "groups": ["berlin-plant"], "attributes": { "site": "berlin", "customer": "acme" }, "billing": null }),
+            json!({ "name": "pump-0002", "region": "us-east-1", "state": "active", "type": "sensor-v2",
+                    "groups": [], "attributes": { "site": "munich" }, "billing": "fleet-a" }),
+            json!({ "name": "pump-0003", "region": "us-east-1", "state": "deleted", "type": null,
+                    "groups": [], "attributes": {}, "billing": null }),
+        ]
+    );
+}

@@ -97,6 +97,8 @@ pub struct Apply {
     /// Entities that are applied to the targets; the others are dropped after the stages.
     pub replicate: Vec<Entity>,
     pub global_registry_table: Option<String>,
+    /// Where that table is; the first target when unset.
+    pub global_registry_region: Option<String>,
     /// Changes applied at once per batch (different keys only; one key is always sequential).
     pub concurrency: usize,
     /// Attempts per API call on throttling and transient failures, the first included.
@@ -117,6 +119,7 @@ impl Default for Apply {
         Apply {
             replicate: Entity::ALL.to_vec(),
             global_registry_table: None,
+            global_registry_region: None,
             concurrency: 16,
             max_attempts: 8,
             initial_backoff: Duration::from_millis(100),
@@ -202,6 +205,7 @@ struct RawLimits {
 struct RawApply {
     replicate: Option<Spanned<Vec<Spanned<String>>>>,
     global_registry_table: Option<String>,
+    global_registry_region: Option<Spanned<String>>,
     concurrency: Option<Spanned<i64>>,
     max_attempts: Option<Spanned<i64>>,
     initial_backoff_ms: Option<Spanned<i64>>,
@@ -394,6 +398,13 @@ fn apply_settings(
     let apply = Apply {
         replicate,
         global_registry_table: raw.global_registry_table,
+        global_registry_region: match raw.global_registry_region {
+            Some(region) => {
+                check_region(region.get_ref()).map_err(|m| at(region.span(), m))?;
+                Some(region.into_inner())
+            }
+            None => None,
+        },
         concurrency: bounded(&raw.concurrency, "concurrency", 1..1025)?.map_or(defaults.concurrency, |n| n as usize),
         max_attempts: bounded(&raw.max_attempts, "max_attempts", 1..101)?.map_or(defaults.max_attempts, |n| n as u32),
         initial_backoff: bounded(&raw.initial_backoff_ms, "initial_backoff_ms", 1..600_001)?

@@ -6,9 +6,11 @@ mod clients;
 mod errors;
 mod fetch;
 mod rate;
+mod registry;
 
 pub use apply::{Applied, Applier, ApplyError, DependencyWait};
 pub use clients::RegionClients;
 pub use errors::{AwsError, ErrorKind};
 pub use fetch::{BlockingFetcher, SourceFetcher};
 pub use rate::{CallStats, DEFAULT_RATES, Limiter, RetryPolicy};
+pub use registry::GlobalRegistry;

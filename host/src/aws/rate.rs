@@ -38,7 +38,7 @@ pub const DEFAULT_RATES: &[(&str, f64)] = &[
     ("DetachThingPrincipal", 100.0),
     ("UpdateThingShadow", 400.0),
     ("DeleteThingShadow", 400.0),
-    ("PutItem", 1000.0),
+    ("UpdateItem", 1000.0),
 ];
 
 /// For APIs not in the table (reads the applier makes to converge).

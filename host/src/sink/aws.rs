@@ -3,7 +3,8 @@
 
 use super::{Job, JobResult, Sink, SinkError};
 use crate::aws::{
-    Applied, Applier, ApplyError, AwsError, CallStats, DependencyWait, Limiter, RegionClients, RetryPolicy,
+    Applied, Applier, ApplyError, AwsError, CallStats, DependencyWait, GlobalRegistry, Limiter, RegionClients,
+    RetryPolicy,
 };
 use crate::config;
 use crate::state::StateStore;
@@ -22,6 +23,7 @@ pub enum AwsSinkError {
 pub struct AwsSink {
     runtime: tokio::runtime::Runtime,
     applier: Applier,
+    registry: Option<GlobalRegistry>,
     concurrency: usize,
 }
 
@@ -50,7 +52,33 @@ impl AwsSink {
         let rates = apply.rate_limits.iter().map(|(k, v)| (k.clone(), *v)).collect();
         let limiter = Arc::new(Limiter::new(&rates, retry));
         let wait = DependencyWait { attempts: apply.dependency_attempts, pause: apply.dependency_pause };
-        Ok(AwsSink { runtime, applier: Applier::new(regions, limiter, state, wait), concurrency: apply.concurrency })
+        let registry = match &apply.global_registry_table {
+            None => None,
+            Some(table) => {
+                let region = apply.global_registry_region.clone().unwrap_or_else(|| pipeline.targets[0].clone());
+                let client = match regions.get(&region) {
+                    Some(clients) => clients.dynamodb.clone(),
+                    None => {
+                        let settings = pipeline.regions.get(&region).cloned().unwrap_or_default();
+                        runtime
+                            .block_on(RegionClients::connect(&region, &settings))
+                            .map_err(|error| AwsSinkError::Connect { region: region.clone(), error })?
+                            .dynamodb
+                    }
+                };
+                let registry = GlobalRegistry::new(client, &region, table, limiter.clone());
+                runtime
+                    .block_on(registry.ensure_table())
+                    .map_err(|error| AwsSinkError::Connect { region: region.clone(), error })?;
+                Some(registry)
+            }
+        };
+        Ok(AwsSink {
+            runtime,
+            applier: Applier::new(regions, limiter, state, wait),
+            registry,
+            concurrency: apply.concurrency,
+        })
     }
 
     /// Requests sent so far.
@@ -83,8 +111,48 @@ impl Sink for AwsSink {
                     });
                 }
             }
+            if let Some(registry) = &self.registry {
+                record_in_registry(registry, jobs, &mut results, concurrency).await;
+            }
             Ok(())
         })?;
         Ok(results.into_iter().map(|r| r.expect("every level ran")).collect())
+    }
+}
+
+/// Records every applied event once in the global registry: in source order
+/// per thing, things concurrently. A failure marks the event's first job
+/// failed, so it is dead-lettered (and a replay records it again).
+async fn record_in_registry(
+    registry: &GlobalRegistry,
+    jobs: &[Job],
+    results: &mut [Option<JobResult>],
+    concurrency: usize,
+) {
+    let mut per_thing: Vec<(String, Vec<usize>)> = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    for (index, job) in jobs.iter().enumerate() {
+        let applied = matches!(results[index], Some(JobResult::Applied));
+        if !applied || !seen.insert((job.event.id.as_str(), job.event.name.as_str(), job.event.entity)) {
+            continue;
+        }
+        match per_thing.iter_mut().find(|(name, _)| *name == job.event.name) {
+            Some((_, indices)) => indices.push(index),
+            None => per_thing.push((job.event.name.clone(), vec![index])),
+        }
+    }
+    let runs = per_thing.into_iter().map(|(_, indices)| async move {
+        for index in indices {
+            if let Err(e) = registry.record(&jobs[index].event).await {
+                return Some((index, e));
+            }
+        }
+        None
+    });
+    let mut done = futures_util::stream::iter(runs).buffer_unordered(concurrency);
+    while let Some(outcome) = done.next().await {
+        if let Some((index, e)) = outcome {
+            results[index] = Some(JobResult::Failed(format!("global registry: UpdateItem: {e}")));
+        }
     }
 }
