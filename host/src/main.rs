@@ -187,7 +187,7 @@ fn execute(cli: Cli) -> Result<ExitCode> {
             };
             let summary = run_file(&config, &mut built, &mut source, &mut sink, &mut store, &mut options)?;
             let stats = sink.stats();
-            let changes = summary.applied_events();
+            let changes = summary.changes;
             eprintln!(
                 "summary: {}",
                 serde_json::json!({

@@ -33,6 +33,8 @@ pub struct Summary {
     pub records: u64,
     /// Events that reached at least one target, per entity.
     pub applied: BTreeMap<String, u64>,
+    /// Changes made: applied events counted once per target region.
+    pub changes: u64,
     /// Planned calls of the applied changes (what a dry run prints).
     pub calls: u64,
     pub dropped: u64,
@@ -157,6 +159,7 @@ pub fn apply_events(
     for (job, result) in jobs.into_iter().zip(results) {
         match result {
             JobResult::Applied => {
+                summary.changes += 1;
                 summary.calls += job.calls.len() as u64;
                 if applied_ids.insert((job.event.id.clone(), job.event.name.clone(), job.event.entity)) {
                     *summary.applied.entry(entity_key(job.event.entity)).or_default() += 1;

@@ -50,7 +50,7 @@ impl AwsSink {
             max_backoff: apply.max_backoff,
         };
         let rates = apply.rate_limits.iter().map(|(k, v)| (k.clone(), *v)).collect();
-        let limiter = Arc::new(Limiter::new(&rates, retry));
+        let limiter = Arc::new(Limiter::new(&rates, retry.clone()));
         let wait = DependencyWait { attempts: apply.dependency_attempts, pause: apply.dependency_pause };
         let registry = match &apply.global_registry_table {
             None => None,
@@ -66,7 +66,9 @@ impl AwsSink {
                             .dynamodb
                     }
                 };
-                let registry = GlobalRegistry::new(client, &region, table, limiter.clone());
+                // Its own limiter: registry writes are not target-region IoT calls.
+                let registry_limiter = Arc::new(Limiter::new(&rates, retry.clone()));
+                let registry = GlobalRegistry::new(client, &region, table, registry_limiter);
                 runtime
                     .block_on(registry.ensure_table())
                     .map_err(|error| AwsSinkError::Connect { region: region.clone(), error })?;
