@@ -128,7 +128,7 @@ fn policy_mapper_rewrites_arns_per_target_region_and_splits() {
         }]
     });
     let fates = mapper.process(vec![policy("device-policy", document, &["eu-west-1", "eu-central-1"])]);
-    let Fate::Kept(split) = &fates[0] else { panic!("{:?}", fates[0]) };
+    let Fate::Split(split) = &fates[0] else { panic!("{:?}", fates[0]) };
     assert_eq!(split.len(), 2, "one policy event per target region");
     for (event, region) in split.iter().zip(["eu-west-1", "eu-central-1"]) {
         assert_eq!(event.targets, vec![region]);

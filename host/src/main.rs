@@ -238,11 +238,11 @@ fn execute(cli: Cli) -> Result<ExitCode> {
                 let ids: Vec<String> = batch.iter().map(|e| e.id.clone()).collect();
                 for (id, fate) in ids.into_iter().zip(runner.process(batch)) {
                     let line = match fate {
-                        Fate::Kept(mut events) if events.len() == 1 => {
-                            let event = events.pop().map(iotdr::state::redacted);
+                        Fate::Kept(event) => {
+                            let event = iotdr::state::redacted(event);
                             serde_json::json!({ "id": id, "outcome": "keep", "event": event })
                         }
-                        Fate::Kept(events) => {
+                        Fate::Split(events) => {
                             let events: Vec<_> = events.into_iter().map(iotdr::state::redacted).collect();
                             serde_json::json!({ "id": id, "outcome": "split", "events": events })
                         }

@@ -116,7 +116,8 @@ impl Pipeline {
             let mut next = Vec::with_capacity(events.len());
             for fate in stage.runner.process(events) {
                 match fate {
-                    Fate::Kept(kept) => next.extend(kept),
+                    Fate::Kept(event) => next.push(event),
+                    Fate::Split(events) => next.extend(events),
                     Fate::Dropped(event, reason) => {
                         tracing::debug!(stage = stage.runner.name(), event = %event.id, "dropped: {reason}");
                         processed.dropped.push(Dropped { stage: stage.runner.name().to_string(), reason, event });

@@ -2,6 +2,7 @@
 //! with an undo journal so a call that fails leaves every event as it was.
 
 use crate::event::Event;
+use std::collections::HashMap;
 
 /// One change a stage made, with what it replaced.
 enum Undo {
@@ -107,13 +108,44 @@ impl Batch {
         Ok(())
     }
 
-    pub fn remove_attribute(&mut self, index: u32, key: String) -> Result<bool, BatchError> {
-        let old = self.get_mut(index)?.attributes.remove(&key);
+    pub fn remove_attribute(&mut self, index: u32, key: &str) -> Result<bool, BatchError> {
+        let old = self.get_mut(index)?.attributes.remove(key);
         let existed = old.is_some();
         if existed {
-            self.journal.push(Undo::Attribute(index, key, old));
+            self.journal.push(Undo::Attribute(index, key.to_string(), old));
         }
         Ok(existed)
+    }
+
+    /// Moves attribute `key` to `new_key` when the event has `key`.
+    pub fn rename_attribute(&mut self, index: u32, key: &str, new_key: &str) -> Result<(), BatchError> {
+        self.charge(new_key.len())?;
+        let event = self.get_mut(index)?;
+        let Some(value) = event.attributes.remove(key) else { return Ok(()) };
+        let replaced = event.attributes.insert(new_key.to_string(), value.clone());
+        // Undone backwards: `new_key` gets back what it had, then `key` its value.
+        self.journal.push(Undo::Attribute(index, key.to_string(), Some(value)));
+        self.journal.push(Undo::Attribute(index, new_key.to_string(), replaced));
+        Ok(())
+    }
+
+    /// Attribute `key` of every event: its distinct values, and per event 0
+    /// (absent) or 1 + the index of its value.
+    pub fn attribute_codes(&self, key: &str) -> (Vec<String>, Vec<u32>) {
+        let mut seen: HashMap<&str, u32> = HashMap::new();
+        let mut values = Vec::new();
+        let codes = self
+            .events
+            .iter()
+            .map(|event| match event.attributes.get(key) {
+                None => 0,
+                Some(value) => *seen.entry(value).or_insert_with(|| {
+                    values.push(value.clone());
+                    values.len() as u32
+                }),
+            })
+            .collect();
+        (values, codes)
     }
 
     pub fn set_related(&mut self, index: u32, kind: String, name: Option<String>) -> Result<(), BatchError> {
@@ -207,7 +239,7 @@ mod tests {
         batch.set_name(0, "renamed".into()).unwrap();
         batch.set_attribute(0, "env".into(), "test".into()).unwrap();
         batch.set_attribute(1, "new".into(), "x".into()).unwrap();
-        batch.remove_attribute(1, "env".into()).unwrap();
+        batch.remove_attribute(1, "env").unwrap();
         batch.set_targets(1, vec![]).unwrap();
         batch.set_related(0, "thing-type".into(), Some("t".into())).unwrap();
         batch.set_document(0, Some("{}".into())).unwrap();
@@ -234,6 +266,25 @@ mod tests {
         let events = batch.commit_except(&[]);
         assert_eq!(events[0].attributes["env"], "test");
         assert_eq!(events[1].name, "b");
+    }
+
+    #[test]
+    fn rename_and_codes() {
+        let mut a = event("a");
+        a.attributes.insert("fw".into(), "1.0".into());
+        a.attributes.insert("firmware".into(), "0.9".into());
+        let before = vec![a, event("b"), event("c")];
+        let mut batch = Batch::new(before.clone(), 1 << 20);
+        batch.events[2].attributes.insert("env".into(), "test".into());
+        assert_eq!(batch.attribute_codes("env"), (vec!["prod".to_string(), "test".to_string()], vec![1, 1, 2]));
+        assert_eq!(batch.attribute_codes("none"), (vec![], vec![0, 0, 0]));
+        batch.events[2].attributes.insert("env".into(), "prod".into());
+        batch.rename_attribute(0, "fw", "firmware").unwrap();
+        batch.rename_attribute(1, "fw", "firmware").unwrap();
+        assert_eq!(batch.events[0].attributes.get("firmware").map(String::as_str), Some("1.0"));
+        assert!(!batch.events[0].attributes.contains_key("fw"));
+        assert!(!batch.events[1].attributes.contains_key("firmware"));
+        assert_eq!(batch.roll_back(), before);
     }
 
     #[test]

@@ -20,6 +20,7 @@ mod generated {
 
 use generated::iotdr;
 pub use generated::iotdr::plugin::host::Level;
+use generated::iotdr::plugin::types::CodedColumn;
 pub use generated::iotdr::plugin::types::{Entity as WitEntity, Operation as WitOperation, Outcome};
 pub use generated::{Stage, StagePre};
 
@@ -116,7 +117,7 @@ impl iotdr::plugin::types::HostBatch for StoreState {
         self.batch.set_attribute(index, key, value).map_err(trap)
     }
     fn remove_attribute(&mut self, _: Resource<BatchHandle>, index: u32, key: String) -> wasmtime::Result<bool> {
-        self.batch.remove_attribute(index, key).map_err(trap)
+        self.batch.remove_attribute(index, &key).map_err(trap)
     }
     fn related(&mut self, _: Resource<BatchHandle>, index: u32, kind: String) -> wasmtime::Result<Option<String>> {
         Ok(self.batch.get(index).map_err(trap)?.related(&kind).map(str::to_string))
@@ -147,6 +148,62 @@ impl iotdr::plugin::types::HostBatch for StoreState {
     }
     fn attribute_column(&mut self, _: Resource<BatchHandle>, key: String) -> wasmtime::Result<Vec<Option<String>>> {
         Ok(self.batch.events.iter().map(|e| e.attributes.get(&key).cloned()).collect())
+    }
+    fn attribute_codes(&mut self, _: Resource<BatchHandle>, key: String) -> wasmtime::Result<CodedColumn> {
+        let (values, codes) = self.batch.attribute_codes(&key);
+        Ok(CodedColumn { values, codes })
+    }
+    fn set_targets_of(
+        &mut self,
+        _: Resource<BatchHandle>,
+        indices: Vec<u32>,
+        regions: Vec<String>,
+    ) -> wasmtime::Result<()> {
+        for index in indices {
+            self.batch.set_targets(index, regions.clone()).map_err(trap)?;
+        }
+        Ok(())
+    }
+    fn set_attribute_of(
+        &mut self,
+        _: Resource<BatchHandle>,
+        indices: Vec<u32>,
+        key: String,
+        value: String,
+    ) -> wasmtime::Result<()> {
+        if key.is_empty() {
+            bail!("set-attribute-of: an attribute key cannot be empty");
+        }
+        for index in indices {
+            self.batch.set_attribute(index, key.clone(), value.clone()).map_err(trap)?;
+        }
+        Ok(())
+    }
+    fn remove_attribute_of(
+        &mut self,
+        _: Resource<BatchHandle>,
+        indices: Vec<u32>,
+        key: String,
+    ) -> wasmtime::Result<()> {
+        for index in indices {
+            self.batch.remove_attribute(index, &key).map_err(trap)?;
+        }
+        Ok(())
+    }
+    fn rename_attribute_of(
+        &mut self,
+        _: Resource<BatchHandle>,
+        indices: Vec<u32>,
+        key: String,
+        new_key: String,
+    ) -> wasmtime::Result<()> {
+        if new_key.is_empty() {
+            bail!("rename-attribute-of: an attribute key cannot be empty");
+        }
+        for index in indices {
+            self.batch.rename_attribute(index, &key, &new_key).map_err(trap)?;
+        }
+        Ok(())
     }
     fn drop(&mut self, _: Resource<BatchHandle>) -> wasmtime::Result<()> {
         Ok(())

@@ -49,8 +49,10 @@ pub enum StartError {
 /// What became of one event that entered a stage.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Fate {
-    /// Passed on: the event itself, changed or not, or the events it was split into (possibly none).
-    Kept(Vec<Event>),
+    /// Passed on: the event itself, changed or not.
+    Kept(Event),
+    /// Replaced by the events it was split into (possibly none).
+    Split(Vec<Event>),
     /// Dropped by the stage on purpose, with its reason.
     Dropped(Event, String),
     /// The stage failed on it; the event is as it entered the stage.
@@ -189,7 +191,7 @@ impl StageRunner {
                 wanted.push(event);
                 fates.push(None);
             } else {
-                fates.push(Some(Fate::Kept(vec![event])));
+                fates.push(Some(Fate::Kept(event)));
             }
         }
         let mut results = self.run(wanted).into_iter();
@@ -216,9 +218,8 @@ impl StageRunner {
         }
     }
 
-    fn retry_retryable(&mut self, mut fates: Vec<(Fate, bool)>) -> Vec<Fate> {
+    fn retry_retryable(&mut self, (mut fates, mut retry): (Vec<Fate>, Vec<usize>)) -> Vec<Fate> {
         for attempt in 0..self.limits.retries {
-            let retry: Vec<usize> = fates.iter().enumerate().filter(|(_, (_, r))| *r).map(|(i, _)| i).collect();
             if retry.is_empty() {
                 break;
             }
@@ -228,19 +229,22 @@ impl StageRunner {
                 events = retry.len(),
                 "retrying events the stage failed as retryable"
             );
+            let mut still = Vec::new();
             for index in retry {
-                let Fate::Failed(event, _) = &fates[index].0 else { unreachable!("only failures are retryable") };
-                let mut again = match self.call(vec![event.clone()]) {
-                    Ok(mut one) => one.pop().expect("one fate"),
-                    Err((mut back, reason)) => (Fate::Failed(back.pop().expect("one event"), reason), false),
+                let Fate::Failed(event, _) = &fates[index] else { unreachable!("only failures are retryable") };
+                fates[index] = match self.call(vec![event.clone()]) {
+                    Ok((mut one, again)) => {
+                        if !again.is_empty() {
+                            still.push(index);
+                        }
+                        one.pop().expect("one fate")
+                    }
+                    Err((mut back, reason)) => Fate::Failed(back.pop().expect("one event"), reason),
                 };
-                if attempt + 1 == self.limits.retries {
-                    again.1 = false;
-                }
-                fates[index] = again;
             }
+            retry = still;
         }
-        fates.into_iter().map(|(fate, _)| fate).collect()
+        fates
     }
 
     /// One `process` call. `Err` when the call failed as a whole (trap, timeout,
@@ -274,24 +278,43 @@ impl StageRunner {
         }
         let failed: Vec<u32> =
             outcomes.iter().enumerate().filter(|(_, o)| matches!(o, Outcome::Fail(_))).map(|(i, _)| i as u32).collect();
-        let mut events: Vec<Option<Event>> = batch.commit_except(&failed).into_iter().map(Some).collect();
+        let retryable: Vec<usize> = outcomes
+            .iter()
+            .enumerate()
+            .filter(|(_, o)| matches!(o, Outcome::Fail(e) if e.retryable))
+            .map(|(i, _)| i)
+            .collect();
+        let events = batch.commit_except(&failed);
+        let fate = |event: Event, outcome: Outcome| match outcome {
+            Outcome::Keep => Fate::Kept(event),
+            Outcome::Drop(reason) => Fate::Dropped(event, reason),
+            Outcome::Fail(error) => Fate::Failed(event, error.message),
+            Outcome::Split(_) => unreachable!("splits are handled apart"),
+        };
+        if !outcomes.iter().any(|o| matches!(o, Outcome::Split(_))) {
+            // Each outcome is its own event's: no need to index (copies nobody named are discarded).
+            return Ok((
+                events.into_iter().zip(outcomes).map(|(event, outcome)| fate(event, outcome)).collect(),
+                retryable,
+            ));
+        }
+        let mut events: Vec<Option<Event>> = events.into_iter().map(Some).collect();
         let mut take = |index: u32| events[index as usize].take().expect("outcomes checked: each index once");
-        Ok(outcomes
+        let fates = outcomes
             .into_iter()
             .enumerate()
             .map(|(index, outcome)| match outcome {
-                Outcome::Keep => (Fate::Kept(vec![take(index as u32)]), false),
-                Outcome::Drop(reason) => (Fate::Dropped(take(index as u32), reason), false),
-                Outcome::Split(indices) => (Fate::Kept(indices.into_iter().map(&mut take).collect()), false),
-                Outcome::Fail(error) => (Fate::Failed(take(index as u32), error.message), error.retryable),
+                Outcome::Split(indices) => Fate::Split(indices.into_iter().map(&mut take).collect()),
+                other => fate(take(index as u32), other),
             })
-            .collect())
+            .collect();
+        Ok((fates, retryable))
     }
 }
 
-/// Per event: its fate and whether it is a retryable failure. Or, when the
-/// call failed as a whole, the events as they went in and why.
-type CallResult = Result<Vec<(Fate, bool)>, (Vec<Event>, String)>;
+/// Per event its fate, and which of them are retryable failures. Or, when
+/// the call failed as a whole, the events as they went in and why.
+type CallResult = Result<(Vec<Fate>, Vec<usize>), (Vec<Event>, String)>;
 
 /// One outcome per original event; split indices in range; no index claimed twice.
 fn check_outcomes(outcomes: &[Outcome], original_len: usize, len: usize) -> Result<(), String> {

@@ -48,6 +48,20 @@ enum Missing {
 #[derive(Debug)]
 pub struct AttributeFilter(Config);
 
+impl AttributeFilter {
+    /// Why an event whose `attribute` is `value` is dropped, if it is.
+    fn drops_value(&self, attribute: &str, value: &String) -> Option<String> {
+        let config = &self.0;
+        if config.drop_values.contains(value) {
+            Some(format!("{attribute}={value}"))
+        } else if !config.keep_values.is_empty() && !config.keep_values.contains(value) {
+            Some(format!("{attribute}={value} is not kept"))
+        } else {
+            None
+        }
+    }
+}
+
 impl Stage for AttributeFilter {
     type Config = Config;
 
@@ -66,9 +80,14 @@ impl Stage for AttributeFilter {
         let len = batch.len() as usize;
         let entity_rules = !config.keep_entities.is_empty() || !config.drop_entities.is_empty();
         let entities = if entity_rules { batch.entities() } else { Vec::new() };
-        let values = match &config.attribute {
-            Some(attribute) => batch.attribute_column(attribute),
-            None => Vec::new(),
+        // Decided once per distinct value; `None` keeps.
+        let (column, drops_by_value): (_, Vec<Option<String>>) = match &config.attribute {
+            Some(attribute) => {
+                let column = batch.attribute_codes(attribute);
+                let drops = column.values.iter().map(|value| self.drops_value(attribute, value)).collect();
+                (Some(column), drops)
+            }
+            None => (None, Vec::new()),
         };
         let name_rules = !config.keep_names.is_empty() || !config.drop_names.is_empty();
         (0..len)
@@ -91,18 +110,17 @@ impl Stage for AttributeFilter {
                         return Outcome::Drop(format!("name {name} matches {pattern}"));
                     }
                 }
-                if let Some(attribute) = &config.attribute {
-                    match &values[i] {
-                        Some(value) if config.drop_values.contains(value) => {
-                            return Outcome::Drop(format!("{attribute}={value}"));
-                        }
-                        Some(value) if !config.keep_values.is_empty() && !config.keep_values.contains(value) => {
-                            return Outcome::Drop(format!("{attribute}={value} is not kept"));
+                if let (Some(attribute), Some(column)) = (&config.attribute, &column) {
+                    match column.code(i as u32) {
+                        Some(code) => {
+                            if let Some(reason) = &drops_by_value[code] {
+                                return Outcome::Drop(reason.clone());
+                            }
                         }
                         None if config.missing == Missing::Drop => {
                             return Outcome::Drop(format!("no attribute {attribute}"));
                         }
-                        _ => {}
+                        None => {}
                     }
                 }
                 Outcome::Keep

@@ -14,7 +14,7 @@
 //! its memberships and shadows; the first rule whose `match` pattern fits wins:
 //! `strip_prefix` is removed, then `prefix` and `suffix` are added.
 
-use iotdr_plugin::{Entity, Event, Outcome, Stage, glob_match};
+use iotdr_plugin::{Batch, Entity, Event, Outcome, Stage, glob_match};
 use serde::Deserialize;
 use std::collections::BTreeMap;
 
@@ -93,24 +93,42 @@ impl Stage for AttributeTransform {
         entities
     }
 
-    fn process_event(&mut self, event: &Event) -> Outcome {
+    fn process(&mut self, batch: &Batch) -> Vec<Outcome> {
         let config = &self.0;
-        let entity = event.entity();
-        if config.entities.contains(&entity) {
-            for (from, to) in &config.rename {
-                if let Some(value) = event.attribute(from) {
-                    event.remove_attribute(from);
-                    event.set_attribute(to, &value);
-                }
-            }
-            for key in &config.remove {
-                event.remove_attribute(key);
-            }
-            for (key, value) in &config.set {
-                event.set_attribute(key, value);
-            }
+        let len = batch.len();
+        // Without name rules the host passes exactly `entities` (unless that is
+        // empty, which registers for every entity): no need to read them.
+        let need_entities = !config.name_rules.is_empty() || config.entities.is_empty();
+        let entities = if need_entities { batch.entities() } else { Vec::new() };
+        let changed: Vec<u32> = if need_entities {
+            (0..len).filter(|&i| config.entities.contains(&entities[i as usize])).collect()
+        } else {
+            (0..len).collect()
+        };
+        // Per event the order is the same as one event at a time: renames, removals, then sets.
+        for (from, to) in &config.rename {
+            batch.rename_attribute_of(&changed, from, to);
         }
-        if !config.name_rules.is_empty() && NAMES_A_THING.contains(&entity) {
+        for key in &config.remove {
+            batch.remove_attribute_of(&changed, key);
+        }
+        for (key, value) in &config.set {
+            batch.set_attribute_of(&changed, key, value);
+        }
+        (0..len)
+            .map(|index| match entities.get(index as usize) {
+                Some(entity) if NAMES_A_THING.contains(entity) => self.rename_thing(&batch.event(index)),
+                _ => Outcome::Keep,
+            })
+            .collect()
+    }
+}
+
+impl AttributeTransform {
+    /// Applies the first name rule that matches the thing's name.
+    fn rename_thing(&self, event: &Event) -> Outcome {
+        let config = &self.0;
+        if !config.name_rules.is_empty() {
             let name = event.name();
             if let Some(rule) = config.name_rules.iter().find(|r| glob_match(&r.pattern, &name)) {
                 let base = rule.strip_prefix.as_deref().and_then(|p| name.strip_prefix(p)).unwrap_or(&name);

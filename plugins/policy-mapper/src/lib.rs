@@ -14,9 +14,11 @@
 //! `account_map`; wildcards and other regions are left alone. `name_template`
 //! may use `{name}`, `{region}` and `{source_region}` (default `{name}`).
 
+mod document;
+
+pub use document::{PolicyDocument, map_arn};
 use iotdr_plugin::{Batch, Entity, Event, Outcome, Stage};
 use serde::Deserialize;
-use serde_json::Value;
 use std::collections::BTreeMap;
 
 #[derive(Debug, Deserialize)]
@@ -36,8 +38,15 @@ fn keep_name() -> String {
 pub struct PolicyMapper(Config);
 
 impl PolicyMapper {
-    /// Rewrites `event` for `region`; `Err` if its document is not JSON.
-    fn map_for_region(&self, event: &Event, name: &str, source_region: &str, region: &str) -> Result<(), String> {
+    /// Rewrites `event` for `region`; `document` is its source document.
+    fn map_for_region(
+        &self,
+        event: &Event,
+        name: &str,
+        source_region: &str,
+        region: &str,
+        document: Option<PolicyDocument>,
+    ) {
         event.set_targets(&[region]);
         let mapped_name = self
             .0
@@ -48,51 +57,11 @@ impl PolicyMapper {
         if mapped_name != name {
             event.set_name(&mapped_name);
         }
-        if let Some(document) = event.document() {
-            let mut json: Value =
-                serde_json::from_str(&document).map_err(|e| format!("policy document of {name} is not JSON: {e}"))?;
-            if self.rewrite(&mut json, source_region, region) {
-                event.set_document(Some(&json.to_string()));
-            }
+        if let Some(mapped) =
+            document.and_then(|d| d.rewrite_arns(|arn| map_arn(arn, source_region, region, &self.0.account_map)))
+        {
+            event.set_document(Some(&mapped));
         }
-        Ok(())
-    }
-
-    /// Rewrites every ARN in `value`; returns whether anything changed.
-    fn rewrite(&self, value: &mut Value, source_region: &str, region: &str) -> bool {
-        match value {
-            Value::String(text) => match self.rewrite_arn(text, source_region, region) {
-                Some(new) => {
-                    *text = new;
-                    true
-                }
-                None => false,
-            },
-            Value::Array(items) => {
-                items.iter_mut().fold(false, |changed, v| self.rewrite(v, source_region, region) | changed)
-            }
-            Value::Object(map) => {
-                map.values_mut().fold(false, |changed, v| self.rewrite(v, source_region, region) | changed)
-            }
-            _ => false,
-        }
-    }
-
-    fn rewrite_arn(&self, arn: &str, source_region: &str, region: &str) -> Option<String> {
-        let mut parts: Vec<&str> = arn.splitn(6, ':').collect();
-        if parts.len() != 6 || parts[0] != "arn" {
-            return None;
-        }
-        let mut changed = false;
-        if parts[3] == source_region && source_region != region {
-            parts[3] = region;
-            changed = true;
-        }
-        if let Some(account) = self.0.account_map.get(parts[4]) {
-            parts[4] = account;
-            changed = true;
-        }
-        changed.then(|| parts.join(":"))
     }
 }
 
@@ -118,24 +87,29 @@ impl Stage for PolicyMapper {
             .map(|index| {
                 let event = batch.event(index);
                 let targets = event.targets();
-                let name = event.name();
-                let source_region = event.source_region();
                 let Some((first, rest)) = targets.split_first() else {
                     return Outcome::Keep;
                 };
+                let name = event.name();
+                let text = event.document();
+                let document = match text.as_deref().map(PolicyDocument::parse) {
+                    None => None,
+                    Some(Ok(document)) => Some(document),
+                    Some(Err(e)) => {
+                        let message = format!("policy document of {name} is not JSON: {e}");
+                        return Outcome::Fail { message, retryable: false };
+                    }
+                };
+                let source_region = event.source_region();
                 // Copies first, while the original still holds the source document.
                 let copies: Vec<Event> = rest.iter().map(|_| event.duplicate()).collect();
                 let mut indices = vec![index];
-                let mut result = self.map_for_region(&event, &name, &source_region, first);
+                self.map_for_region(&event, &name, &source_region, first, document);
                 for (copy, region) in copies.iter().zip(rest) {
-                    result = result.and(self.map_for_region(copy, &name, &source_region, region));
+                    self.map_for_region(copy, &name, &source_region, region, document);
                     indices.push(copy.index());
                 }
-                match result {
-                    Err(message) => Outcome::Fail { message, retryable: false },
-                    Ok(()) if indices.len() == 1 => Outcome::Keep,
-                    Ok(()) => Outcome::Split(indices),
-                }
+                if indices.len() == 1 { Outcome::Keep } else { Outcome::Split(indices) }
             })
             .collect()
     }
@@ -151,6 +125,7 @@ iotdr_plugin::export_stage!(PolicyMapper);
 mod tests {
     use super::*;
     use iotdr_plugin::testing::{TestBatch, TestEvent, stage_from_json};
+    use serde_json::Value;
 
     const DOC: &str = r#"{"Version":"2012-10-17","Statement":[{"Effect":"Allow","Action":"iot:Publish",
         "Resource":["arn:aws:iot:us-east-1:111122223333:topic/sensors/*","arn:aws:iot:*:111122223333:client/x"]}]}"#;

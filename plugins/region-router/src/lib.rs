@@ -84,30 +84,37 @@ impl Stage for RegionRouter {
     }
 
     fn process(&mut self, batch: &Batch) -> Vec<Outcome> {
-        let values = match &self.0.by_attribute {
-            Some(attribute) => batch.attribute_column(attribute),
-            None => Vec::new(),
-        };
+        let column = self.0.by_attribute.as_ref().map(|attribute| batch.attribute_codes(attribute));
+        // Looked up once per distinct value.
+        let value_routes: Vec<Option<&Vec<String>>> =
+            column.iter().flat_map(|c| &c.values).map(|value| self.0.routes.get(value)).collect();
         let entities = if self.0.groups.is_empty() { Vec::new() } else { batch.entities() };
-        (0..batch.len())
-            .map(|index| {
-                let i = index as usize;
-                let route = values
-                    .get(i)
-                    .and_then(Option::as_ref)
-                    .and_then(|value| self.0.routes.get(value))
-                    .or_else(|| entities.get(i).and_then(|&entity| self.group_route(batch, index, entity)))
-                    .or(self.0.default.as_ref());
-                match route {
-                    Some(regions) => {
-                        batch.event(index).set_targets(regions);
-                        Outcome::Keep
+        // The events of each distinct route, written in one call per route.
+        let mut routed: Vec<(&Vec<String>, Vec<u32>)> = Vec::new();
+        let mut outcomes = Vec::with_capacity(batch.len() as usize);
+        for index in 0..batch.len() {
+            let route = column
+                .as_ref()
+                .and_then(|c| c.code(index))
+                .and_then(|code| value_routes[code])
+                .or_else(|| entities.get(index as usize).and_then(|&entity| self.group_route(batch, index, entity)))
+                .or(self.0.default.as_ref());
+            outcomes.push(match route {
+                Some(regions) => {
+                    match routed.iter_mut().find(|(r, _)| std::ptr::eq(*r, regions)) {
+                        Some((_, indices)) => indices.push(index),
+                        None => routed.push((regions, vec![index])),
                     }
-                    None if self.0.unrouted == Unrouted::Drop => Outcome::Drop("no route matches".into()),
-                    None => Outcome::Keep,
+                    Outcome::Keep
                 }
-            })
-            .collect()
+                None if self.0.unrouted == Unrouted::Drop => Outcome::Drop("no route matches".into()),
+                None => Outcome::Keep,
+            });
+        }
+        for (regions, indices) in routed {
+            batch.set_targets_of(&indices, regions);
+        }
+        outcomes
     }
 }
 

@@ -27,14 +27,21 @@
 //! [`testing::TestBatch`], so a stage's unit tests are plain `cargo test`.
 //!
 //! Events stay in the host: every accessor is a call across the component
-//! boundary, so read what you need once, and prefer the column reads
-//! ([`Batch::entities`], [`Batch::attribute_column`]) in hot paths.
+//! boundary, so read what you need once, and in hot paths prefer the column
+//! reads ([`Batch::entities`], [`Batch::attribute_codes`]) and the writes to
+//! many events at once ([`Batch::set_targets_of`], [`Batch::set_attribute_of`],
+//! [`Batch::rename_attribute_of`], [`Batch::remove_attribute_of`]).
 
 // The generated bindings name this crate by its public path, also from inside it.
 extern crate self as iotdr_plugin;
 
 mod glob;
 mod types;
+
+// Plug-ins are single-threaded components.
+#[cfg(all(not(target_feature = "atomics"), target_family = "wasm"))]
+#[global_allocator]
+static ALLOCATOR: talc::wasm::WasmDynamicTalc = talc::wasm::new_wasm_dynamic_allocator();
 
 pub use glob::glob_match;
 pub use types::{Entity, Operation, Outcome};
@@ -156,6 +163,86 @@ impl<'a> Batch<'a> {
     /// Every event's value of attribute `key`, in one call.
     pub fn attribute_column(&self, key: &str) -> Vec<Option<String>> {
         self.inner.attribute_column(key)
+    }
+
+    /// Every event's value of attribute `key`, dictionary-coded, in one call:
+    /// each distinct value crosses once, so decide once per value
+    /// ([`CodedColumn::values`]) and look events up by [`CodedColumn::code`].
+    pub fn attribute_codes(&self, key: &str) -> CodedColumn {
+        #[cfg(target_arch = "wasm32")]
+        {
+            let column = self.inner.attribute_codes(key);
+            CodedColumn { values: column.values, codes: column.codes }
+        }
+        #[cfg(not(target_arch = "wasm32"))]
+        {
+            let (values, codes) = self.inner.attribute_codes(key);
+            CodedColumn { values, codes }
+        }
+    }
+
+    /// [`Event::set_targets`] on every event in `indices`, in one call.
+    pub fn set_targets_of<S: AsRef<str>>(&self, indices: &[u32], regions: &[S]) {
+        if indices.is_empty() {
+            return;
+        }
+        let regions: Vec<String> = regions.iter().map(|r| r.as_ref().to_string()).collect();
+        self.inner.set_targets_of(indices, &regions)
+    }
+
+    /// [`Event::set_attribute`] on every event in `indices`, in one call.
+    pub fn set_attribute_of(&self, indices: &[u32], key: &str, value: &str) {
+        if !indices.is_empty() {
+            self.inner.set_attribute_of(indices, key, value)
+        }
+    }
+
+    /// [`Event::remove_attribute`] on every event in `indices`, in one call.
+    pub fn remove_attribute_of(&self, indices: &[u32], key: &str) {
+        if !indices.is_empty() {
+            self.inner.remove_attribute_of(indices, key)
+        }
+    }
+
+    /// Renames attribute `key` to `new_key` (replacing any `new_key`) on every
+    /// event in `indices` that has `key`, in one call.
+    pub fn rename_attribute_of(&self, indices: &[u32], key: &str, new_key: &str) {
+        if !indices.is_empty() {
+            self.inner.rename_attribute_of(indices, key, new_key)
+        }
+    }
+}
+
+/// An attribute of every event of a batch, each distinct value once.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CodedColumn {
+    /// The distinct values, in order of first appearance.
+    pub values: Vec<String>,
+    codes: Vec<u32>,
+}
+
+impl CodedColumn {
+    /// The index into [`CodedColumn::values`] of event `index`'s value; `None`
+    /// when the event lacks the attribute.
+    pub fn code(&self, index: u32) -> Option<usize> {
+        match self.codes.get(index as usize) {
+            Some(&code) if code > 0 => Some(code as usize - 1),
+            _ => None,
+        }
+    }
+
+    /// Event `index`'s value.
+    pub fn value(&self, index: u32) -> Option<&str> {
+        self.code(index).map(|code| self.values[code].as_str())
+    }
+
+    /// Events in the column.
+    pub fn len(&self) -> usize {
+        self.codes.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.codes.is_empty()
     }
 }
 

@@ -237,6 +237,44 @@ impl TestBatch {
     pub(crate) fn entities(&self) -> Vec<Entity> {
         self.events.borrow().iter().map(|e| e.entity).collect()
     }
+    pub(crate) fn attribute_codes(&self, key: &str) -> (Vec<String>, Vec<u32>) {
+        let mut values: Vec<String> = Vec::new();
+        let codes = self
+            .attribute_column(key)
+            .into_iter()
+            .map(|value| match value {
+                None => 0,
+                Some(value) => match values.iter().position(|v| *v == value) {
+                    Some(at) => at as u32 + 1,
+                    None => {
+                        values.push(value);
+                        values.len() as u32
+                    }
+                },
+            })
+            .collect();
+        (values, codes)
+    }
+    pub(crate) fn set_targets_of(&self, indices: &[u32], regions: &[String]) {
+        indices.iter().for_each(|&i| self.set_targets(i, regions));
+    }
+    pub(crate) fn set_attribute_of(&self, indices: &[u32], key: &str, value: &str) {
+        indices.iter().for_each(|&i| self.set_attribute(i, key, value));
+    }
+    pub(crate) fn remove_attribute_of(&self, indices: &[u32], key: &str) {
+        indices.iter().for_each(|&i| {
+            self.remove_attribute(i, key);
+        });
+    }
+    pub(crate) fn rename_attribute_of(&self, indices: &[u32], key: &str, new_key: &str) {
+        assert!(!new_key.is_empty(), "rename-attribute-of: an attribute key cannot be empty");
+        for &i in indices {
+            if let Some(value) = self.attribute(i, key) {
+                self.remove_attribute(i, key);
+                self.set_attribute(i, new_key, &value);
+            }
+        }
+    }
     pub(crate) fn attribute_column(&self, key: &str) -> Vec<Option<String>> {
         self.events.borrow().iter().map(|e| e.get_attribute(key).map(str::to_string)).collect()
     }
