@@ -4,6 +4,7 @@
 
 mod common;
 
+use aws_sdk_iot::types::CertificateStatus;
 use common::faults::FaultProxy;
 use common::fleet::seed;
 use common::moto::Moto;
@@ -110,4 +111,66 @@ async fn a_jitr_certificate_arrives_pending_with_the_named_policy() {
     let target = region_state(&moto, TARGET).await;
     assert_eq!(target["certificates"][&id], json!({ "status": "PENDING_ACTIVATION", "policies": ["jitr-policy"] }));
     assert_eq!(target["policies"]["jitr-policy"]["versions"], 1);
+}
+
+#[tokio::test]
+async fn certificate_status_changes_and_a_new_policy_version_arrive() {
+    let moto = Moto::start();
+    let iot = moto.iot(SOURCE).await;
+    let first = r#"{"Version":"2012-10-17","Statement":[{"Effect":"Allow","Action":"iot:Connect","Resource":"*"}]}"#;
+    let second = r#"{"Version":"2012-10-17","Statement":[{"Effect":"Allow","Action":["iot:Connect","iot:Publish"],"Resource":"*"}]}"#;
+    iot.create_policy().policy_name("device").policy_document(first).send().await.unwrap();
+    let mut ids = Vec::new();
+    for _ in 0..2 {
+        let created = iot.create_keys_and_certificate().set_as_active(true).send().await.unwrap();
+        iot.attach_policy().policy_name("device").target(created.certificate_arn.unwrap()).send().await.unwrap();
+        ids.push(created.certificate_id.unwrap());
+    }
+    let native = |event: Value| json!({ "event": event }).to_string();
+    let created: Vec<String> = ids
+        .iter()
+        .map(|id| {
+            native(json!({ "entity": "certificate", "operation": "created", "name": id,
+                           "related": [["certificate-status", "ACTIVE"]] }))
+        })
+        .collect();
+    let arrived = Run::new(SOURCE, &moto.url, TARGET, &moto.url, &created, "");
+    arrived.run(&moto);
+    let target = region_state(&moto, TARGET).await;
+    assert_eq!(target["certificates"][&ids[0]], json!({ "status": "ACTIVE", "policies": ["device"] }));
+    assert_eq!(target["policies"]["device"]["versions"], 1);
+
+    // Then the operator deactivates one certificate, revokes the other and
+    // publishes a new default version of the policy.
+    iot.update_certificate().certificate_id(&ids[0]).new_status(CertificateStatus::Inactive).send().await.unwrap();
+    iot.update_certificate().certificate_id(&ids[1]).new_status(CertificateStatus::Revoked).send().await.unwrap();
+    iot.create_policy_version()
+        .policy_name("device")
+        .policy_document(second)
+        .set_as_default(true)
+        .send()
+        .await
+        .unwrap();
+    let status = |id: &str, status: &str| {
+        native(json!({ "entity": "certificate", "operation": "updated", "name": id,
+                       "related": [["certificate-status", status]] }))
+    };
+    let changes = vec![
+        status(&ids[0], "INACTIVE"),
+        status(&ids[1], "REVOKED"),
+        native(json!({ "entity": "policy", "operation": "updated", "name": "device", "document": second })),
+    ];
+    let changed = Run::new(SOURCE, &moto.url, TARGET, &moto.url, &changes, "");
+    let summary = changed.run(&moto);
+    assert_eq!(summary["run"]["dead_letters"], 0, "{summary} {:?}", changed.dead_letters(&moto));
+    let target = region_state(&moto, TARGET).await;
+    assert_eq!(target["certificates"][&ids[0]], json!({ "status": "INACTIVE", "policies": ["device"] }));
+    assert_eq!(target["certificates"][&ids[1]], json!({ "status": "REVOKED", "policies": ["device"] }));
+    assert_eq!(target["policies"]["device"]["document"], serde_json::from_str::<Value>(second).unwrap());
+    assert_eq!(target["policies"]["device"]["versions"], 2);
+    assert_same(&without_shadow_versions(region_state(&moto, SOURCE).await), &without_shadow_versions(target.clone()));
+
+    // Replayed, the changes add nothing: no third policy version.
+    changed.run(&moto);
+    assert_eq!(region_state(&moto, TARGET).await, target);
 }

@@ -387,8 +387,11 @@ fn apply_settings(
     let mut rate_limits = BTreeMap::new();
     for (operation, rate) in raw.rate_limits {
         let name = operation.get_ref();
-        if name.is_empty() || !name.chars().next().is_some_and(|c| c.is_ascii_uppercase()) {
-            return Err(at(operation.span(), format!("`{name}` is not an AWS operation name (like CreateThing)")));
+        if name != "*" && (name.is_empty() || !name.chars().next().is_some_and(|c| c.is_ascii_uppercase())) {
+            return Err(at(
+                operation.span(),
+                format!("`{name}` is not an AWS operation name (like CreateThing) or `*`"),
+            ));
         }
         if !(rate.get_ref().is_finite() && *rate.get_ref() > 0.0) {
             return Err(at(rate.span(), format!("rate for {name} must be a positive number of requests per second")));
@@ -577,5 +580,23 @@ mod tests {
         assert_eq!((error.line, error.column), (4, 12), "{error}");
         let error = Pipeline::parse(Path::new("p.toml"), "# é ${X:-}\n[oops", &|_| None).unwrap_err();
         assert_eq!(error.line, 2, "{error}");
+    }
+
+    #[test]
+    fn rate_limits_take_operation_names_and_a_star() {
+        let text = |limits: &str| {
+            format!(
+                "[pipeline]\nname = \"p\"\nsource_region = \"us-east-1\"\ntargets = [\"eu-west-1\"]\n[source]\nkind = \"scan\"\n[apply]\nrate_limits = {limits}\n"
+            )
+        };
+        let parsed =
+            Pipeline::parse(Path::new("p.toml"), &text(r#"{ "*" = 500, CreateThing = 50 }"#), &|_| None).unwrap();
+        assert_eq!(parsed.apply.rate_limits["*"], 500.0);
+        assert_eq!(parsed.apply.rate_limits["CreateThing"], 50.0);
+        let error = Pipeline::parse(Path::new("p.toml"), &text("{ createThing = 5 }"), &|_| None).unwrap_err();
+        assert!(error.to_string().contains("not an AWS operation name"), "{error}");
+        assert_eq!(error.line, 8, "{error}");
+        let error = Pipeline::parse(Path::new("p.toml"), &text(r#"{ "*" = 0 }"#), &|_| None).unwrap_err();
+        assert!(error.to_string().contains("positive"), "{error}");
     }
 }

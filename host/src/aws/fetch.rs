@@ -229,4 +229,9 @@ impl BlockingFetcher {
     pub fn complete(&mut self, events: Vec<Event>) -> (Vec<Event>, Vec<DeadLetter>) {
         self.runtime.block_on(self.fetcher.complete(events))
     }
+
+    /// The source-region calls made so far.
+    pub fn stats(&self) -> super::CallStats {
+        self.fetcher.limiter.stats()
+    }
 }

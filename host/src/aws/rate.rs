@@ -103,6 +103,8 @@ impl Bucket {
 /// Token buckets keyed by (region, operation), and counts of what was sent.
 pub struct Limiter {
     rates: HashMap<String, f64>,
+    /// For operations without a rate of their own.
+    fallback: f64,
     buckets: Mutex<HashMap<(String, &'static str), Bucket>>,
     retry: RetryPolicy,
     stats: Mutex<CallStats>,
@@ -120,11 +122,20 @@ pub struct CallStats {
 }
 
 impl Limiter {
-    /// `overrides`: operation → requests per second, on top of [`DEFAULT_RATES`].
+    /// `overrides`: operation → requests per second, on top of [`DEFAULT_RATES`];
+    /// `*` replaces every default (and the fallback), named operations still win.
     pub fn new(overrides: &HashMap<String, f64>, retry: RetryPolicy) -> Limiter {
-        let mut rates: HashMap<String, f64> = DEFAULT_RATES.iter().map(|(op, r)| (op.to_string(), *r)).collect();
-        rates.extend(overrides.iter().map(|(k, v)| (k.clone(), *v)));
-        Limiter { rates, buckets: Mutex::new(HashMap::new()), retry, stats: Mutex::new(CallStats::default()) }
+        let every = overrides.get("*").copied();
+        let mut rates: HashMap<String, f64> =
+            DEFAULT_RATES.iter().map(|(op, r)| (op.to_string(), every.unwrap_or(*r))).collect();
+        rates.extend(overrides.iter().filter(|(k, _)| *k != "*").map(|(k, v)| (k.clone(), *v)));
+        Limiter {
+            rates,
+            fallback: every.unwrap_or(FALLBACK_RATE),
+            buckets: Mutex::new(HashMap::new()),
+            retry,
+            stats: Mutex::new(CallStats::default()),
+        }
     }
 
     pub fn stats(&self) -> CallStats {
@@ -135,7 +146,7 @@ impl Limiter {
         loop {
             let wait = {
                 let mut buckets = self.buckets.lock().expect("bucket lock");
-                let rate = self.rates.get(operation).copied().unwrap_or(FALLBACK_RATE);
+                let rate = self.rates.get(operation).copied().unwrap_or(self.fallback);
                 buckets.entry((region.to_string(), operation)).or_insert_with(|| Bucket::new(rate)).take(Instant::now())
             };
             match wait {
@@ -200,6 +211,19 @@ mod tests {
         let wait = bucket.take(start).expect("the burst is spent");
         assert!(wait > Duration::from_millis(90) && wait <= Duration::from_millis(100), "{wait:?}");
         assert_eq!(bucket.take(start + Duration::from_millis(100)), None);
+    }
+
+    #[test]
+    fn a_star_rate_replaces_every_default_but_named_rates_win() {
+        let overrides: HashMap<String, f64> = [("*".to_string(), 500.0), ("CreateThing".to_string(), 50.0)].into();
+        let limiter = Limiter::new(&overrides, RetryPolicy::default());
+        assert_eq!(limiter.rates["CreateThing"], 50.0);
+        assert_eq!(limiter.rates["RegisterCertificateWithoutCA"], 500.0);
+        assert_eq!(limiter.fallback, 500.0);
+        assert!(!limiter.rates.contains_key("*"));
+        let plain = Limiter::new(&HashMap::new(), RetryPolicy::default());
+        assert_eq!(plain.rates["RegisterCertificateWithoutCA"], 10.0);
+        assert_eq!(plain.fallback, FALLBACK_RATE);
     }
 
     #[test]

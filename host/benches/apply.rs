@@ -1,0 +1,135 @@
+//! Applying a generated fleet to a moto target region: target API calls per
+//! replicated change, and sustained changes/s next to moto's own ceiling (a
+//! trivial request loop at the same concurrency), measured in the same run.
+//!
+//!   cargo bench -p iotdr --bench apply            (needs scripts/moto.sh install; builds nothing else)
+
+// The tests' fleet generator and moto harness, shared rather than copied.
+#[allow(dead_code)]
+#[path = "../../tests/common/fleet.rs"]
+mod fleet;
+#[allow(dead_code)]
+#[path = "../../tests/common/moto.rs"]
+mod moto;
+
+use futures_util::StreamExt;
+use iotdr::aws::BlockingFetcher;
+use iotdr::config::Pipeline as PipelineConfig;
+use iotdr::pipeline::Pipeline;
+use iotdr::plugin::PluginEngine;
+use iotdr::run::{Options, run_file};
+use iotdr::sink::AwsSink;
+use iotdr::source::FileSource;
+use iotdr::state::StateStore;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+const THINGS: usize = 300;
+const CONCURRENCY: usize = 16;
+const CEILING_CALLS: usize = 1500;
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace").to_path_buf()
+}
+
+fn main() {
+    // SAFETY: set before any thread starts; the SDK's credential chain reads them.
+    unsafe {
+        std::env::set_var("AWS_ACCESS_KEY_ID", "testing");
+        std::env::set_var("AWS_SECRET_ACCESS_KEY", "testing");
+        std::env::set_var("AWS_EC2_METADATA_DISABLED", "true");
+    }
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let moto = moto::Moto::start();
+    let fleet = runtime.block_on(fleet::seed(&moto, "us-east-1", THINGS));
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("events.jsonl"), fleet.events.join("\n") + "\n").unwrap();
+    let text = format!(
+        r#"
+[pipeline]
+name = "bench"
+source_region = "us-east-1"
+targets = ["eu-west-1"]
+[regions.us-east-1]
+endpoint_url = "{url}"
+[regions.eu-west-1]
+endpoint_url = "{url}"
+[source]
+kind = "file"
+path = "events.jsonl"
+[apply]
+concurrency = {CONCURRENCY}
+# moto has no quotas: measure iotdr, not AWS's default rates.
+rate_limits = {{ "*" = 100000.0 }}
+"#,
+        url = moto.url
+    );
+    let config = PipelineConfig::parse(&dir.path().join("bench.toml"), &text, &|_| None).unwrap();
+    let engine = PluginEngine::new(None).unwrap();
+    let mut pipeline = Pipeline::build(&config, &engine).unwrap();
+    let state = Arc::new(StateStore::open(&dir.path().join("state")).unwrap());
+    let mut sink = AwsSink::connect(&config, state.clone()).unwrap();
+    let fetcher = std::cell::RefCell::new(BlockingFetcher::connect(&config).unwrap());
+    let iotdr::config::Source::File { path } = &config.source else { unreachable!() };
+    let mut source = FileSource::open(path).unwrap();
+    let mut letters = |_: &iotdr::state::DeadLetter| Ok(());
+    let mut options = Options {
+        until_idle: true,
+        poll_interval: Duration::from_millis(10),
+        complete: Some(Box::new(|events| fetcher.borrow_mut().complete(events))),
+    };
+    let started = Instant::now();
+    let summary = run_file(&config, &mut pipeline, &mut source, &mut sink, &mut letters, &mut options).unwrap();
+    let elapsed = started.elapsed().as_secs_f64();
+    let stats = sink.stats();
+    drop(options);
+    let source = fetcher.borrow().stats();
+    assert_eq!(summary.dead_letters, 0, "the benchmark run must apply everything");
+
+    // moto's ceiling: the same kind of write, nothing else, same concurrency.
+    let ceiling = runtime.block_on(async {
+        let iot = moto.iot("eu-west-1").await;
+        let started = Instant::now();
+        let calls = (0..CEILING_CALLS).map(|i| {
+            let iot = iot.clone();
+            async move {
+                iot.update_thing()
+                    .thing_name(format!("dev-{:04}", i % THINGS))
+                    .attribute_payload(
+                        aws_sdk_iot::types::AttributePayload::builder().attributes("probe", "1").merge(true).build(),
+                    )
+                    .send()
+                    .await
+                    .unwrap();
+            }
+        });
+        futures_util::stream::iter(calls).buffer_unordered(CONCURRENCY).collect::<Vec<_>>().await;
+        CEILING_CALLS as f64 / started.elapsed().as_secs_f64()
+    });
+
+    let changes = summary.changes as f64;
+    // Source reads at ingest go to the same emulator: they count against its ceiling too.
+    let moto_requests = (stats.requests + source.requests) as f64 / elapsed;
+    println!("generated fleet: {THINGS} things, {} events ({} records)", fleet.events.len(), summary.records);
+    println!("changes applied:            {}", summary.changes);
+    println!("target API calls:           {} ({} requests with retries)", stats.calls, stats.requests);
+    println!("source reads at ingest:     {} requests", source.requests);
+    println!(
+        "calls per change:           {:.2}   (goal <= 1.2; the AWS sample uses 6+ per thing)",
+        stats.calls as f64 / changes
+    );
+    println!(
+        "iotdr sustained:            {:.0} changes/s ({:.0} requests/s to the emulator)",
+        changes / elapsed,
+        moto_requests
+    );
+    println!("moto raw ceiling:           {ceiling:.0} requests/s (UpdateThing loop, concurrency {CONCURRENCY})");
+    println!(
+        "ratio iotdr/ceiling:        {:.2} (requests/s against the emulator's own limit)",
+        moto_requests / ceiling
+    );
+}
