@@ -174,3 +174,91 @@ async fn certificate_status_changes_and_a_new_policy_version_arrive() {
     changed.run(&moto);
     assert_eq!(region_state(&moto, TARGET).await, target);
 }
+
+/// A port nothing listens on: a region that is down.
+const DOWN: &str = "http://127.0.0.1:9";
+
+/// Points the pipeline's source and target regions at new endpoints.
+fn repoint(test: &Run, source_url: &str, target_url: &str) {
+    let text = std::fs::read_to_string(&test.pipeline).unwrap();
+    let mut sections: Vec<String> = text.split("\n[").map(str::to_string).collect();
+    for section in &mut sections {
+        let url = if section.starts_with(&format!("regions.{SOURCE}]")) {
+            source_url
+        } else if section.starts_with(&format!("regions.{TARGET}]")) {
+            target_url
+        } else {
+            continue;
+        };
+        let header = section.lines().next().unwrap().to_string();
+        *section = format!("{header}\nendpoint_url = \"{url}\"\n");
+    }
+    std::fs::write(&test.pipeline, sections.join("\n[")).unwrap();
+}
+
+async fn certificate_with_policy(moto: &Moto) -> String {
+    let iot = moto.iot(SOURCE).await;
+    iot.create_policy()
+        .policy_name("device")
+        .policy_document(r#"{"Version":"2012-10-17","Statement":[]}"#)
+        .send()
+        .await
+        .unwrap();
+    let created = iot.create_keys_and_certificate().set_as_active(true).send().await.unwrap();
+    iot.attach_policy().policy_name("device").target(created.certificate_arn.unwrap()).send().await.unwrap();
+    created.certificate_id.unwrap()
+}
+
+fn certificate_created(id: &str) -> String {
+    json!({ "event": { "entity": "certificate", "operation": "created", "name": id,
+                       "related": [["certificate-status", "ACTIVE"]] } })
+    .to_string()
+}
+
+#[tokio::test]
+async fn dead_letters_replay_during_a_source_outage() {
+    let moto = Moto::start();
+    let id = certificate_with_policy(&moto).await;
+    // The target is down: the certificate and its policy, completed from the
+    // source at ingest, become dead letters at apply.
+    let test = Run::new(SOURCE, &moto.url, TARGET, DOWN, &[certificate_created(&id)], "max_attempts = 2");
+    let summary = test.run(&moto);
+    assert_eq!(summary["run"]["dead_letters"], 2, "{summary}");
+    let letters = test.dead_letters(&moto);
+    assert!(letters.iter().all(|l| l["stage"] == "apply"), "{letters:?}");
+    assert!(!format!("{letters:?}").contains("-----BEGIN"), "dead-letters list never shows a PEM");
+
+    // Now the source is down and the target back: the letters alone suffice.
+    repoint(&test, DOWN, &moto.url);
+    let out =
+        common::runner::iotdr(&moto, test.dir.path(), &["dead-letters", "replay", test.pipeline.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!((report["replayed"].as_u64(), report["still_failing"].as_u64()), (Some(2), Some(0)), "{report}");
+    let target = region_state(&moto, TARGET).await;
+    assert_eq!(target["certificates"][&id], json!({ "status": "ACTIVE", "policies": ["device"] }));
+    assert!(test.dead_letters(&moto).is_empty());
+}
+
+#[tokio::test]
+async fn letters_that_never_reached_the_source_fetch_it_on_replay() {
+    let moto = Moto::start();
+    let id = certificate_with_policy(&moto).await;
+    let test = Run::new(SOURCE, DOWN, TARGET, &moto.url, &[certificate_created(&id)], "max_attempts = 2");
+    let summary = test.run(&moto);
+    assert_eq!(summary["run"]["dead_letters"], 1, "{summary}");
+    assert_eq!(test.dead_letters(&moto)[0]["stage"], "fetch");
+
+    // Still down: the letter stays, and replay says so (exit 3).
+    let replay =
+        || common::runner::iotdr(&moto, test.dir.path(), &["dead-letters", "replay", test.pipeline.to_str().unwrap()]);
+    assert_eq!(replay().status.code(), Some(3));
+    assert_eq!(test.dead_letters(&moto).len(), 1);
+
+    repoint(&test, &moto.url, &moto.url);
+    let out = replay();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let target = region_state(&moto, TARGET).await;
+    assert_eq!(target["certificates"][&id], json!({ "status": "ACTIVE", "policies": ["device"] }));
+    assert_eq!(target["policies"]["device"]["versions"], 1);
+}

@@ -173,7 +173,7 @@ fn execute(cli: Cli) -> Result<ExitCode> {
                 let mut sink = DryRun::new(stdout.lock());
                 // A dry run changes nothing, dead letters included: they are reported on stderr.
                 let mut report = |letter: &iotdr::state::DeadLetter| {
-                    eprintln!("dead letter: {}", serde_json::to_string(letter).expect("JSON"));
+                    eprintln!("dead letter: {}", serde_json::to_string(&letter.redacted()).expect("JSON"));
                     Ok(())
                 };
                 let summary = run_file(&config, &mut built, &mut source, &mut sink, &mut report, &mut options)?;
@@ -278,7 +278,7 @@ fn dead_letters(command: DeadLetterCommand, cache_dir: Option<PathBuf>) -> Resul
         DeadLetterCommand::List { .. } => {
             let mut out = std::io::stdout().lock();
             for stored in state.dead_letters()? {
-                let mut line = serde_json::to_value(&stored.letter).expect("JSON");
+                let mut line = serde_json::to_value(stored.letter.redacted()).expect("JSON");
                 line["id"] = stored.id.into();
                 writeln!(out, "{line}")?;
             }
@@ -289,7 +289,26 @@ fn dead_letters(command: DeadLetterCommand, cache_dir: Option<PathBuf>) -> Resul
             let mut built = Pipeline::build(&config, &engine)?;
             let mut sink = AwsSink::connect(&config, state.clone())?;
             let ids = (!ids.is_empty()).then_some(ids);
-            let report = replay(&config, &mut built, &mut sink, &state, ids.as_deref())?;
+            // Letters that never completed (`decode`, `fetch`) read the source
+            // again; connect to it only when one of them is replayed.
+            let mut fetcher: Option<Result<BlockingFetcher, String>> = None;
+            let mut complete = |events: Vec<iotdr::event::Event>| {
+                let connected = fetcher.get_or_insert_with(|| {
+                    BlockingFetcher::connect(&config)
+                        .map_err(|e| format!("connecting to {}: {e}", config.source_region))
+                });
+                match connected {
+                    Ok(fetcher) => fetcher.complete(events),
+                    Err(reason) => {
+                        let letters = events
+                            .into_iter()
+                            .map(|event| iotdr::state::DeadLetter::for_event("fetch", reason.clone(), event))
+                            .collect();
+                        (Vec::new(), letters)
+                    }
+                }
+            };
+            let report = replay(&config, &mut built, &mut sink, &state, ids.as_deref(), &mut complete)?;
             println!("{}", serde_json::to_string(&report).expect("JSON"));
             Ok(if report.still_failing == 0 { ExitCode::SUCCESS } else { ExitCode::from(3) })
         }

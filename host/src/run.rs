@@ -202,6 +202,7 @@ pub fn replay(
     sink: &mut dyn Sink,
     store: &StateStore,
     ids: Option<&[i64]>,
+    complete: &mut Complete,
 ) -> Result<ReplayReport, RunError> {
     let mut report = ReplayReport::default();
     let state = |e: crate::state::StateError| RunError::State(e.to_string());
@@ -210,21 +211,25 @@ pub fn replay(
             continue;
         }
         let letter = &stored.letter;
+        // (first stage, event, whether it still needs what the source adds at ingest)
         let entry = match (letter.stage.as_str(), &letter.event, &letter.record) {
             ("decode", _, Some(record)) => match decode_line(record, &config.source_region) {
-                Ok(event) => Ok((0, event)),
+                Ok(event) => Ok((0, event, true)),
                 Err(e) => Err(e.to_string()),
             },
-            ("plan" | "apply", Some(event), _) => Ok((usize::MAX, event.clone())),
+            ("fetch", Some(event), _) => Ok((0, event.clone(), true)),
+            ("plan" | "apply", Some(event), _) => Ok((usize::MAX, event.clone(), false)),
             (stage, Some(event), _) => match pipeline.stage_index(stage) {
-                Some(index) => Ok((index, event.clone())),
+                Some(index) => Ok((index, event.clone(), false)),
                 None => Err(format!("stage `{stage}` is no longer in the pipeline")),
             },
             _ => Err("nothing to replay: the letter holds neither an event nor a record".to_string()),
         };
         let dead = match entry {
-            Ok((first_stage, event)) => {
-                apply_events(config, pipeline, sink, first_stage, vec![event], &mut report.summary)?
+            Ok((first_stage, event, incomplete)) => {
+                let (events, mut dead) = if incomplete { complete(vec![event]) } else { (vec![event], Vec::new()) };
+                dead.extend(apply_events(config, pipeline, sink, first_stage, events, &mut report.summary)?);
+                dead
             }
             Err(reason) => {
                 tracing::warn!(id = stored.id, "dead letter not replayable: {reason}");

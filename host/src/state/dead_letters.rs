@@ -1,5 +1,7 @@
 //! Events that could not be processed, kept with the reason so an operator
-//! can read, fix and replay them. Never holds certificate PEMs.
+//! can read, fix and replay them. A letter keeps its event whole, certificate
+//! PEMs included (public certificates, which a replay needs to register them
+//! without the source region); what is shown of it is [`DeadLetter::redacted`].
 
 use crate::event::{Entity, Event};
 use serde::{Deserialize, Serialize};
@@ -27,10 +29,15 @@ impl DeadLetter {
             at_ms: now_ms(),
             stage: stage.to_string(),
             reason: reason.into(),
-            event: Some(redacted(event)),
+            event: Some(event),
             record: None,
             origin: None,
         }
+    }
+
+    /// The letter as it may be printed or logged: no certificate PEMs.
+    pub fn redacted(&self) -> DeadLetter {
+        DeadLetter { event: self.event.clone().map(redacted), ..self.clone() }
     }
 
     pub fn for_record(reason: impl Into<String>, record: &str, origin: String) -> DeadLetter {
@@ -51,8 +58,7 @@ impl DeadLetter {
     }
 }
 
-/// The event without certificate PEMs in its document: what may be printed or
-/// stored (a replay fetches the PEM again).
+/// The event without certificate PEMs in its document: what may be printed.
 pub fn redacted(mut event: Event) -> Event {
     if event.entity == Entity::Certificate
         && let Some(document) = &event.document
@@ -74,15 +80,19 @@ mod tests {
     use crate::event::Operation;
 
     #[test]
-    fn letters_never_hold_pems() {
+    fn letters_keep_certificate_pems_but_never_show_them() {
         let mut cert = Event::new(Entity::Certificate, Operation::Created, "abc");
         cert.document = Some(r#"{"certificatePem":"-----BEGIN CERTIFICATE-----x","status":"ACTIVE"}"#.into());
         let letters = [
             DeadLetter::for_event("plan", "no", cert),
             DeadLetter::for_record("bad", "-----BEGIN PRIVATE KEY-----", "f:1".into()),
         ];
-        let text = serde_json::to_string(&letters).unwrap();
+        assert!(letters[0].event.as_ref().unwrap().document.as_deref().unwrap().contains("-----BEGIN CERTIFICATE"));
+        let shown: Vec<DeadLetter> = letters.iter().map(DeadLetter::redacted).collect();
+        let text = serde_json::to_string(&shown).unwrap();
         assert!(!text.contains("-----BEGIN"), "{text}");
-        assert_eq!(letters[0].event.as_ref().unwrap().document.as_deref(), Some(r#"{"status":"ACTIVE"}"#));
+        assert_eq!(shown[0].event.as_ref().unwrap().document.as_deref(), Some(r#"{"status":"ACTIVE"}"#));
+        // A record that did not decode may hold anything (a private key): never kept.
+        assert!(!serde_json::to_string(&letters[1]).unwrap().contains("-----BEGIN"));
     }
 }

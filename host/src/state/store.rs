@@ -63,6 +63,13 @@ impl StateStore {
         let fail = |message: String| StateError { path: path.clone(), message };
         std::fs::create_dir_all(dir).map_err(|e| fail(format!("cannot create the folder: {e}")))?;
         let conn = Connection::open(&path).map_err(|e| fail(e.to_string()))?;
+        // It holds the fleet's certificates and dead-lettered events: the owner's alone.
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+                .map_err(|e| fail(format!("cannot restrict its permissions: {e}")))?;
+        }
         conn.busy_timeout(std::time::Duration::from_secs(10)).map_err(|e| fail(e.to_string()))?;
         conn.execute_batch(SCHEMA).map_err(|e| fail(e.to_string()))?;
         Ok(StateStore { path, conn: Mutex::new(conn) })
