@@ -23,6 +23,11 @@ pub enum PlanError {
     Missing { entity: Entity, what: &'static str },
     #[error("{entity} document is not a JSON object: {problem}")]
     BadDocument { entity: Entity, problem: String },
+    #[error(
+        "thing group {0} is dynamic: iotdr does not replicate dynamic groups (their query) yet; \
+         create it in the target with CreateDynamicThingGroup, then purge this letter"
+    )]
+    DynamicGroup(String),
 }
 
 /// The calls that apply `event` to `region`, in order. An empty plan means the
@@ -92,6 +97,8 @@ pub fn plan(event: &Event, region: &str) -> Result<Vec<Call>, PlanError> {
         (E::ThingTypeAssociation, O::Removed) => {
             vec![call("UpdateThing", json!({ "thingName": name, "removeThingType": true }))]
         }
+        // Created as a plain group it would never fill itself: refuse, visibly.
+        (E::ThingGroup, _) if is_dynamic_group(event) => return Err(PlanError::DynamicGroup(name.to_string())),
         (E::ThingGroup, O::Created) => {
             let mut input = json!({ "thingGroupName": name, "thingGroupProperties": group_properties(event, false)? });
             if let Some(parent) = event.related(related::PARENT_GROUP) {
@@ -225,6 +232,10 @@ fn attach_principals(event: &Event, region: &str) -> Vec<Call> {
         .collect()
 }
 
+fn is_dynamic_group(event: &Event) -> bool {
+    event.document.as_deref().and_then(|d| serde_json::from_str::<Value>(d).ok()).is_some_and(|d| d["dynamic"] == true)
+}
+
 fn document(event: &Event) -> Result<Map<String, Value>, PlanError> {
     let text = event.document.as_deref().ok_or(PlanError::Missing { entity: event.entity, what: "a document" })?;
     parse_object(event, text)
@@ -263,6 +274,17 @@ mod tests {
         e.attributes.insert("site".into(), "berlin".into());
         e.account_id = "111122223333".into();
         e
+    }
+
+    #[test]
+    fn dynamic_groups_are_refused_with_what_to_do() {
+        let mut group = Event::new(Entity::ThingGroup, Operation::Created, "online-pumps");
+        group.document = Some(r#"{"dynamic":true}"#.into());
+        let error = plan(&group, "eu-west-1").unwrap_err();
+        assert_eq!(error, PlanError::DynamicGroup("online-pumps".into()));
+        assert!(error.to_string().contains("CreateDynamicThingGroup"), "{error}");
+        group.document = Some(r#"{"description":"static"}"#.into());
+        assert_eq!(plan(&group, "eu-west-1").unwrap()[0].operation, "CreateThingGroup");
     }
 
     #[test]

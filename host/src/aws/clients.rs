@@ -24,8 +24,10 @@ impl RegionClients {
     /// The endpoint is the region setting's `endpoint_url`, else
     /// `AWS_ENDPOINT_URL` (read by the SDK), else AWS's own. The IoT data plane
     /// has an account-specific endpoint: `data_endpoint_url`, else the same
-    /// override, else the one `DescribeEndpoint` reports.
-    pub async fn connect(region: &str, settings: &RegionSettings) -> Result<RegionClients, AwsError> {
+    /// override, else the one `DescribeEndpoint` reports. Without `shadows`
+    /// (reading the source, the global registry) that lookup is skipped and
+    /// the data-plane client is not to be used.
+    pub async fn connect(region: &str, settings: &RegionSettings, shadows: bool) -> Result<RegionClients, AwsError> {
         let http =
             aws_smithy_http_client::Builder::new().tls_provider(tls::Provider::Rustls(CryptoMode::Ring)).build_https();
         let mut loader = aws_config::defaults(BehaviorVersion::latest())
@@ -48,6 +50,7 @@ impl RegionClients {
 
         let data_endpoint = match (&settings.data_endpoint_url, &settings.endpoint_url) {
             (Some(url), _) | (None, Some(url)) => Some(url.clone()),
+            (None, None) if !shadows => None,
             (None, None) if std::env::var_os("AWS_ENDPOINT_URL").is_some() => None,
             (None, None) if std::env::var_os("AWS_ENDPOINT_URL_IOT_DATA_PLANE").is_some() => None,
             (None, None) => {

@@ -214,7 +214,7 @@ impl BlockingFetcher {
             .build()
             .map_err(|e| AwsError::permanent("Runtime", e.to_string()))?;
         let settings = pipeline.regions.get(&pipeline.source_region).cloned().unwrap_or_default();
-        let clients = runtime.block_on(RegionClients::connect(&pipeline.source_region, &settings))?;
+        let clients = runtime.block_on(RegionClients::connect(&pipeline.source_region, &settings, false))?;
         let apply = &pipeline.apply;
         let retry = super::rate::RetryPolicy {
             max_attempts: apply.max_attempts,

@@ -7,13 +7,15 @@ use super::errors::{AwsError, ErrorKind};
 use super::rate::Limiter;
 use crate::event::{Entity, Event, Operation, related};
 use aws_sdk_dynamodb::types::{
-    AttributeDefinition, AttributeValue, BillingMode, KeySchemaElement, KeyType, ScalarAttributeType,
+    AttributeDefinition, AttributeValue, BillingMode, KeySchemaElement, KeyType, ScalarAttributeType, TableStatus,
 };
 use std::collections::HashMap;
 use std::sync::Arc;
 
 pub const KEY: &str = "thingName";
 pub const SORT_KEY: &str = "sourceRegion";
+/// How long a run waits for a new table to become active.
+const TABLE_ACTIVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(300);
 
 pub struct GlobalRegistry {
     client: aws_sdk_dynamodb::Client,
@@ -27,10 +29,12 @@ impl GlobalRegistry {
         GlobalRegistry { client, region: region.to_string(), table: table.to_string(), limiter }
     }
 
-    /// Creates the table (on-demand billing) unless it exists.
+    /// Creates the table (on-demand billing) unless it exists, and waits
+    /// until it takes writes: a new table is `CREATING` for a while on AWS,
+    /// and writes to it fail as if it did not exist.
     pub async fn ensure_table(&self) -> Result<(), AwsError> {
-        match self.client.describe_table().table_name(&self.table).send().await.map_err(AwsError::from_sdk) {
-            Ok(_) => return Ok(()),
+        match self.table_status().await {
+            Ok(_) => return self.await_active().await,
             Err(e) if e.is(ErrorKind::NotFound) => {}
             Err(e) => return Err(e),
         }
@@ -51,8 +55,37 @@ impl GlobalRegistry {
             .await
             .map_err(AwsError::from_sdk);
         match created {
-            Err(e) if e.code == "ResourceInUseException" => Ok(()),
-            other => other.map(drop),
+            Err(e) if e.code == "ResourceInUseException" => {}
+            other => other.map(drop)?,
+        }
+        self.await_active().await
+    }
+
+    async fn table_status(&self) -> Result<Option<TableStatus>, AwsError> {
+        let described =
+            self.client.describe_table().table_name(&self.table).send().await.map_err(AwsError::from_sdk)?;
+        Ok(described.table.and_then(|t| t.table_status))
+    }
+
+    async fn await_active(&self) -> Result<(), AwsError> {
+        let deadline = std::time::Instant::now() + TABLE_ACTIVE_TIMEOUT;
+        loop {
+            match self.table_status().await? {
+                Some(TableStatus::Active) | None => return Ok(()),
+                Some(status) if std::time::Instant::now() >= deadline => {
+                    return Err(AwsError::permanent(
+                        "DescribeTable",
+                        format!(
+                            "table {} in {} is still {} after {} s",
+                            self.table,
+                            self.region,
+                            status.as_str(),
+                            TABLE_ACTIVE_TIMEOUT.as_secs()
+                        ),
+                    ));
+                }
+                Some(_) => tokio::time::sleep(std::time::Duration::from_secs(1)).await,
+            }
         }
     }
 

@@ -37,7 +37,7 @@ impl AwsSink {
             let mut regions = HashMap::new();
             for region in &pipeline.targets {
                 let settings = pipeline.regions.get(region).cloned().unwrap_or_default();
-                let clients = RegionClients::connect(region, &settings)
+                let clients = RegionClients::connect(region, &settings, true)
                     .await
                     .map_err(|error| AwsSinkError::Connect { region: region.clone(), error })?;
                 regions.insert(region.clone(), clients);
@@ -61,7 +61,7 @@ impl AwsSink {
                     None => {
                         let settings = pipeline.regions.get(&region).cloned().unwrap_or_default();
                         runtime
-                            .block_on(RegionClients::connect(&region, &settings))
+                            .block_on(RegionClients::connect(&region, &settings, false))
                             .map_err(|error| AwsSinkError::Connect { region: region.clone(), error })?
                             .dynamodb
                     }
@@ -124,7 +124,8 @@ impl Sink for AwsSink {
 
 /// Records every applied event once in the global registry: in source order
 /// per thing, things concurrently. A failure marks the event's first job
-/// failed, so it is dead-lettered (and a replay records it again).
+/// failed, so it is dead-lettered (and a replay records it again), and so are
+/// the thing's later events, which must not overtake it.
 async fn record_in_registry(
     registry: &GlobalRegistry,
     jobs: &[Job],
@@ -144,17 +145,22 @@ async fn record_in_registry(
         }
     }
     let runs = per_thing.into_iter().map(|(_, indices)| async move {
-        for index in indices {
+        for (at, &index) in indices.iter().enumerate() {
             if let Err(e) = registry.record(&jobs[index].event).await {
-                return Some((index, e));
+                return Some((e, indices[at..].to_vec()));
             }
         }
         None
     });
     let mut done = futures_util::stream::iter(runs).buffer_unordered(concurrency);
     while let Some(outcome) = done.next().await {
-        if let Some((index, e)) = outcome {
-            results[index] = Some(JobResult::Failed(format!("global registry: UpdateItem: {e}")));
+        if let Some((e, failed)) = outcome {
+            results[failed[0]] = Some(JobResult::Failed(format!("global registry: UpdateItem: {e}")));
+            for &index in &failed[1..] {
+                let reason =
+                    format!("global registry: an earlier change to {} failed to be recorded", jobs[index].event.name);
+                results[index] = Some(JobResult::Failed(reason));
+            }
         }
     }
 }
