@@ -114,7 +114,7 @@ fn a_plug_in_that_breaks_the_contract_fails_its_events_not_the_host() {
     let fates = runner.process(vec![thing("a", &[]), thing("b", &[])]);
     for fate in &fates {
         let Fate::Failed(event, reason) = fate else { panic!("{fate:?}") };
-        assert!(reason.contains("broke the contract: returned 0 outcomes for 1 events"), "{reason}");
+        assert!(reason.contains("broke the contract: returned 2 outcomes for 1 events"), "{reason}");
         assert!(event.attributes.is_empty(), "changes of a rejected call are undone");
     }
 }

@@ -3,12 +3,16 @@
 
 use crate::event::Event;
 use std::collections::HashMap;
+use std::sync::Arc;
 
 /// One change a stage made, with what it replaced.
 enum Undo {
     Name(u32, String),
     Targets(u32, Vec<String>),
-    Attribute(u32, String, Option<String>),
+    /// The key is shared: a write to many events journals it once.
+    Attribute(u32, Arc<str>, Option<String>),
+    /// `key` was renamed to `new_key`, which held the `Option` before.
+    Renamed(u32, Arc<str>, Arc<str>, Option<String>),
     Related(u32, Vec<(String, String)>),
     Document(u32, Option<String>),
 }
@@ -19,6 +23,7 @@ impl Undo {
             Undo::Name(i, _)
             | Undo::Targets(i, _)
             | Undo::Attribute(i, _, _)
+            | Undo::Renamed(i, _, _, _)
             | Undo::Related(i, _)
             | Undo::Document(i, _) => *i,
         }
@@ -100,32 +105,33 @@ impl Batch {
         Ok(())
     }
 
-    pub fn set_attribute(&mut self, index: u32, key: String, value: String) -> Result<(), BatchError> {
+    pub fn set_attribute(&mut self, index: u32, key: &Arc<str>, value: String) -> Result<(), BatchError> {
         self.charge(key.len() + value.len())?;
         let event = self.get_mut(index)?;
-        let old = event.attributes.insert(key.clone(), value);
-        self.journal.push(Undo::Attribute(index, key, old));
+        let old = match event.attributes.get_mut(&**key) {
+            Some(slot) => Some(std::mem::replace(slot, value)),
+            None => event.attributes.insert(key.to_string(), value),
+        };
+        self.journal.push(Undo::Attribute(index, key.clone(), old));
         Ok(())
     }
 
-    pub fn remove_attribute(&mut self, index: u32, key: &str) -> Result<bool, BatchError> {
-        let old = self.get_mut(index)?.attributes.remove(key);
+    pub fn remove_attribute(&mut self, index: u32, key: &Arc<str>) -> Result<bool, BatchError> {
+        let old = self.get_mut(index)?.attributes.remove(&**key);
         let existed = old.is_some();
         if existed {
-            self.journal.push(Undo::Attribute(index, key.to_string(), old));
+            self.journal.push(Undo::Attribute(index, key.clone(), old));
         }
         Ok(existed)
     }
 
     /// Moves attribute `key` to `new_key` when the event has `key`.
-    pub fn rename_attribute(&mut self, index: u32, key: &str, new_key: &str) -> Result<(), BatchError> {
+    pub fn rename_attribute(&mut self, index: u32, key: &Arc<str>, new_key: &Arc<str>) -> Result<(), BatchError> {
         self.charge(new_key.len())?;
         let event = self.get_mut(index)?;
-        let Some(value) = event.attributes.remove(key) else { return Ok(()) };
-        let replaced = event.attributes.insert(new_key.to_string(), value.clone());
-        // Undone backwards: `new_key` gets back what it had, then `key` its value.
-        self.journal.push(Undo::Attribute(index, key.to_string(), Some(value)));
-        self.journal.push(Undo::Attribute(index, new_key.to_string(), replaced));
+        let Some(value) = event.attributes.remove(&**key) else { return Ok(()) };
+        let replaced = event.attributes.insert(new_key.to_string(), value);
+        self.journal.push(Undo::Renamed(index, key.clone(), new_key.clone(), replaced));
         Ok(())
     }
 
@@ -199,10 +205,19 @@ impl Batch {
                 Undo::Name(_, old) => event.name = old,
                 Undo::Targets(_, old) => event.targets = old,
                 Undo::Attribute(_, key, Some(old)) => {
-                    event.attributes.insert(key, old);
+                    event.attributes.insert(key.to_string(), old);
                 }
                 Undo::Attribute(_, key, None) => {
-                    event.attributes.remove(&key);
+                    event.attributes.remove(&*key);
+                }
+                Undo::Renamed(_, key, new_key, replaced) => {
+                    let value = match replaced {
+                        Some(replaced) => event.attributes.insert(new_key.to_string(), replaced),
+                        None => event.attributes.remove(&*new_key),
+                    };
+                    if let Some(value) = value {
+                        event.attributes.insert(key.to_string(), value);
+                    }
                 }
                 Undo::Related(_, old) => event.related = old,
                 Undo::Document(_, old) => event.document = old,
@@ -237,9 +252,9 @@ mod tests {
         let before = vec![event("a"), event("b")];
         let mut batch = Batch::new(before.clone(), 1 << 20);
         batch.set_name(0, "renamed".into()).unwrap();
-        batch.set_attribute(0, "env".into(), "test".into()).unwrap();
-        batch.set_attribute(1, "new".into(), "x".into()).unwrap();
-        batch.remove_attribute(1, "env").unwrap();
+        batch.set_attribute(0, &"env".into(), "test".into()).unwrap();
+        batch.set_attribute(1, &"new".into(), "x".into()).unwrap();
+        batch.remove_attribute(1, &"env".into()).unwrap();
         batch.set_targets(1, vec![]).unwrap();
         batch.set_related(0, "thing-type".into(), Some("t".into())).unwrap();
         batch.set_document(0, Some("{}".into())).unwrap();
@@ -250,8 +265,8 @@ mod tests {
     #[test]
     fn commit_except_undoes_only_failed_events() {
         let mut batch = Batch::new(vec![event("a"), event("b")], 1 << 20);
-        batch.set_attribute(0, "env".into(), "test".into()).unwrap();
-        batch.set_attribute(1, "env".into(), "test".into()).unwrap();
+        batch.set_attribute(0, &"env".into(), "test".into()).unwrap();
+        batch.set_attribute(1, &"env".into(), "test".into()).unwrap();
         let events = batch.commit_except(&[1]);
         assert_eq!(events[0].attributes["env"], "test");
         assert_eq!(events[1].attributes["env"], "prod");
@@ -260,7 +275,7 @@ mod tests {
     #[test]
     fn commit_keeps_changes() {
         let mut batch = Batch::new(vec![event("a")], 1 << 20);
-        batch.set_attribute(0, "env".into(), "test".into()).unwrap();
+        batch.set_attribute(0, &"env".into(), "test".into()).unwrap();
         let copy = batch.duplicate(0).unwrap();
         batch.set_name(copy, "b".into()).unwrap();
         let events = batch.commit_except(&[]);
@@ -279,8 +294,8 @@ mod tests {
         assert_eq!(batch.attribute_codes("env"), (vec!["prod".to_string(), "test".to_string()], vec![1, 1, 2]));
         assert_eq!(batch.attribute_codes("none"), (vec![], vec![0, 0, 0]));
         batch.events[2].attributes.insert("env".into(), "prod".into());
-        batch.rename_attribute(0, "fw", "firmware").unwrap();
-        batch.rename_attribute(1, "fw", "firmware").unwrap();
+        batch.rename_attribute(0, &"fw".into(), &"firmware".into()).unwrap();
+        batch.rename_attribute(1, &"fw".into(), &"firmware".into()).unwrap();
         assert_eq!(batch.events[0].attributes.get("firmware").map(String::as_str), Some("1.0"));
         assert!(!batch.events[0].attributes.contains_key("fw"));
         assert!(!batch.events[1].attributes.contains_key("firmware"));

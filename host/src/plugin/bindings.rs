@@ -114,10 +114,10 @@ impl iotdr::plugin::types::HostBatch for StoreState {
         if key.is_empty() {
             bail!("set-attribute: an attribute key cannot be empty");
         }
-        self.batch.set_attribute(index, key, value).map_err(trap)
+        self.batch.set_attribute(index, &key.into(), value).map_err(trap)
     }
     fn remove_attribute(&mut self, _: Resource<BatchHandle>, index: u32, key: String) -> wasmtime::Result<bool> {
-        self.batch.remove_attribute(index, &key).map_err(trap)
+        self.batch.remove_attribute(index, &key.into()).map_err(trap)
     }
     fn related(&mut self, _: Resource<BatchHandle>, index: u32, kind: String) -> wasmtime::Result<Option<String>> {
         Ok(self.batch.get(index).map_err(trap)?.related(&kind).map(str::to_string))
@@ -174,8 +174,9 @@ impl iotdr::plugin::types::HostBatch for StoreState {
         if key.is_empty() {
             bail!("set-attribute-of: an attribute key cannot be empty");
         }
+        let key: Arc<str> = key.into();
         for index in indices {
-            self.batch.set_attribute(index, key.clone(), value.clone()).map_err(trap)?;
+            self.batch.set_attribute(index, &key, value.clone()).map_err(trap)?;
         }
         Ok(())
     }
@@ -185,6 +186,7 @@ impl iotdr::plugin::types::HostBatch for StoreState {
         indices: Vec<u32>,
         key: String,
     ) -> wasmtime::Result<()> {
+        let key: Arc<str> = key.into();
         for index in indices {
             self.batch.remove_attribute(index, &key).map_err(trap)?;
         }
@@ -200,6 +202,7 @@ impl iotdr::plugin::types::HostBatch for StoreState {
         if new_key.is_empty() {
             bail!("rename-attribute-of: an attribute key cannot be empty");
         }
+        let (key, new_key): (Arc<str>, Arc<str>) = (key.into(), new_key.into());
         for index in indices {
             self.batch.rename_attribute(index, &key, &new_key).map_err(trap)?;
         }

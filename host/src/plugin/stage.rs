@@ -273,6 +273,13 @@ impl StageRunner {
                 return Err((batch.roll_back(), reason));
             }
         };
+        if outcomes.is_empty() {
+            // Every event kept, as they are now.
+            let kept = batch.original_len();
+            let mut events = batch.commit_except(&[]);
+            events.truncate(kept);
+            return Ok((events.into_iter().map(Fate::Kept).collect(), Vec::new()));
+        }
         if let Err(violation) = check_outcomes(&outcomes, batch.original_len(), batch.events.len()) {
             return Err((batch.roll_back(), format!("the plug-in broke the contract: {violation}")));
         }
@@ -316,7 +323,8 @@ impl StageRunner {
 /// the call failed as a whole, the events as they went in and why.
 type CallResult = Result<(Vec<Fate>, Vec<usize>), (Vec<Event>, String)>;
 
-/// One outcome per original event; split indices in range; no index claimed twice.
+/// One outcome per original event (an empty list, "all kept", is handled
+/// before); split indices in range; no index claimed twice.
 fn check_outcomes(outcomes: &[Outcome], original_len: usize, len: usize) -> Result<(), String> {
     if outcomes.len() != original_len {
         return Err(format!("returned {} outcomes for {original_len} events", outcomes.len()));

@@ -378,10 +378,12 @@ macro_rules! export_stage {
                     __STAGE.with(|cell| {
                         let mut guard = cell.borrow_mut();
                         let stage = guard.as_mut().expect("the host calls init before process");
-                        $crate::__private::process(stage, $crate::Batch::from_inner(events))
-                            .into_iter()
-                            .map(::std::convert::Into::into)
-                            .collect()
+                        let outcomes = $crate::__private::process(stage, $crate::Batch::from_inner(events));
+                        // "Every event kept" crosses as an empty list.
+                        if outcomes.iter().all(|o| ::std::matches!(o, $crate::Outcome::Keep)) {
+                            return ::std::vec::Vec::new();
+                        }
+                        outcomes.into_iter().map(::std::convert::Into::into).collect()
                     })
                 }
             }

@@ -24,7 +24,7 @@ pub struct Config {
     probe_sandbox: bool,
     /// Fail init with this message.
     refuse_init: Option<String>,
-    /// Return no outcomes at all (a contract violation).
+    /// Return one outcome more than there are events (a contract violation).
     #[serde(default)]
     wrong_outcome_count: bool,
 }
@@ -46,7 +46,8 @@ impl Stage for Hostile {
 
     fn process(&mut self, batch: &iotdr_plugin::Batch) -> Vec<Outcome> {
         if self.config.wrong_outcome_count {
-            return Vec::new();
+            // One outcome too many (an empty list would mean "all kept").
+            return (0..=batch.len()).map(|_| Outcome::Drop("extra".into())).collect();
         }
         (0..batch.len()).map(|i| self.process_event(&batch.event(i))).collect()
     }
