@@ -207,3 +207,48 @@ fn plugin_test_prints_an_outcome_per_event_and_fails_on_failures() {
     assert_eq!(outcomes, vec!["invalid", "fail"]);
     assert!(lines[0]["reason"].as_str().unwrap().starts_with("not JSON"));
 }
+
+#[test]
+fn a_halted_run_keeps_the_dead_letters_its_batch_made_before() {
+    let dir = tempfile::tempdir().unwrap();
+    let shadow = |thing: &str| {
+        serde_json::json!({ "topic": format!("$aws/things/{thing}/shadow/update/accepted"),
+                            "payload": { "state": { "reported": { "on": true } }, "version": 1 } })
+        .to_string()
+    };
+    std::fs::write(dir.path().join("events.jsonl"), format!("{{not json\n{}\n{}\n", shadow("fine"), shadow("poison")))
+        .unwrap();
+    let pipeline = dir.path().join("pipeline.toml");
+    std::fs::write(
+        &pipeline,
+        format!(
+            r#"
+[pipeline]
+name = "halts"
+source_region = "us-east-1"
+targets = ["eu-west-1"]
+[regions.us-east-1]
+endpoint_url = "http://127.0.0.1:9"
+[regions.eu-west-1]
+endpoint_url = "http://127.0.0.1:9"
+[source]
+kind = "file"
+path = "events.jsonl"
+[[stage]]
+name = "trap-on-poison"
+plugin = "{}"
+config = {{ trap_on = "poison" }}
+on_error = "halt"
+"#,
+            common::test_plugin("hostile").display()
+        ),
+    )
+    .unwrap();
+    let out = iotdr(&["run", pipeline.to_str().unwrap(), "--until-idle"], dir.path());
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("its on_error is halt"), "{}", text(&out.stderr));
+    let listed = iotdr(&["dead-letters", "list", pipeline.to_str().unwrap()], dir.path());
+    let letters: Vec<Value> = text(&listed.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    assert_eq!((letters[0]["stage"].as_str(), letters[0]["origin"].as_str()), (Some("decode"), Some("events.jsonl:1")));
+}

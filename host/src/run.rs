@@ -103,11 +103,21 @@ pub fn run_file(
             dead.extend(failed);
             events = completed;
         }
-        dead.extend(apply_events(config, pipeline, sink, 0, events, &mut summary)?);
+        // A halt still keeps the letters the batch made before it (decode, fetch).
+        let halted = match apply_events(config, pipeline, sink, 0, events, &mut summary) {
+            Ok(more) => {
+                dead.extend(more);
+                None
+            }
+            Err(e) => Some(e),
+        };
         for letter in &dead {
             dead_letters(letter).map_err(RunError::DeadLetter)?;
         }
         summary.dead_letters += dead.len() as u64;
+        if let Some(e) = halted {
+            return Err(e);
+        }
     }
 }
 
