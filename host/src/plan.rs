@@ -25,7 +25,8 @@ pub enum PlanError {
     BadDocument { entity: Entity, problem: String },
     #[error(
         "thing group {0} is dynamic: iotdr does not replicate dynamic groups (their query) yet; \
-         create it in the target with CreateDynamicThingGroup, then purge this letter"
+         create or update it in the target with CreateDynamicThingGroup / UpdateDynamicThingGroup, \
+         then purge this letter"
     )]
     DynamicGroup(String),
 }
@@ -98,7 +99,12 @@ pub fn plan(event: &Event, region: &str) -> Result<Vec<Call>, PlanError> {
             vec![call("UpdateThing", json!({ "thingName": name, "removeThingType": true }))]
         }
         // Created as a plain group it would never fill itself: refuse, visibly.
-        (E::ThingGroup, _) if is_dynamic_group(event) => return Err(PlanError::DynamicGroup(name.to_string())),
+        (E::ThingGroup, O::Created | O::Updated) if is_dynamic_group(event) => {
+            return Err(PlanError::DynamicGroup(name.to_string()));
+        }
+        (E::ThingGroup, O::Deleted) if is_dynamic_group(event) => {
+            vec![call("DeleteDynamicThingGroup", json!({ "thingGroupName": name }))]
+        }
         (E::ThingGroup, O::Created) => {
             let mut input = json!({ "thingGroupName": name, "thingGroupProperties": group_properties(event, false)? });
             if let Some(parent) = event.related(related::PARENT_GROUP) {
@@ -283,6 +289,9 @@ mod tests {
         let error = plan(&group, "eu-west-1").unwrap_err();
         assert_eq!(error, PlanError::DynamicGroup("online-pumps".into()));
         assert!(error.to_string().contains("CreateDynamicThingGroup"), "{error}");
+        let mut deleted = group.clone();
+        deleted.operation = Operation::Deleted;
+        assert_eq!(plan(&deleted, "eu-west-1").unwrap()[0].operation, "DeleteDynamicThingGroup");
         group.document = Some(r#"{"description":"static"}"#.into());
         assert_eq!(plan(&group, "eu-west-1").unwrap()[0].operation, "CreateThingGroup");
     }

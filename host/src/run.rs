@@ -237,7 +237,24 @@ pub fn replay(
         };
         let dead = match entry {
             Ok((first_stage, event, incomplete)) => {
-                let (events, mut dead) = if incomplete { complete(vec![event]) } else { (vec![event], Vec::new()) };
+                let (events, mut dead) = if incomplete {
+                    complete(vec![event])
+                } else if event.entity == Entity::Certificate
+                    && event.operation == crate::event::Operation::Created
+                    && !crate::aws::carries_pem(&event)
+                {
+                    // Stored without its PEM (letters from before PEMs were
+                    // kept): fetch the PEM, and only that, since the event
+                    // re-enters past the stages that saw what came with it.
+                    let (name, id) = (event.name.clone(), event.id.clone());
+                    let (completed, failed) = complete(vec![event]);
+                    let certificate = completed
+                        .into_iter()
+                        .filter(|e| e.entity == Entity::Certificate && e.name == name && e.id == id);
+                    (certificate.collect(), failed)
+                } else {
+                    (vec![event], Vec::new())
+                };
                 dead.extend(apply_events(config, pipeline, sink, first_stage, events, &mut report.summary)?);
                 dead
             }

@@ -333,6 +333,20 @@ impl Applier {
                     other => other.map(drop),
                 }
             }
+            "DeleteDynamicThingGroup" => {
+                let group = text(call, "thingGroupName")?;
+                ok_if_not_found(
+                    send!(
+                        self,
+                        region,
+                        "DeleteDynamicThingGroup",
+                        c.iot.delete_dynamic_thing_group().thing_group_name(group)
+                    )
+                    .map(drop),
+                )?;
+                self.state.forget(region, known::THING_GROUP, group)?;
+                Ok(())
+            }
             "DeleteThingGroup" => {
                 let group = text(call, "thingGroupName")?;
                 send!(self, region, "DeleteThingGroup", c.iot.delete_thing_group().thing_group_name(group))?;

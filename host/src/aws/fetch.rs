@@ -85,7 +85,7 @@ impl SourceFetcher {
             Box::new(DeadLetter::for_event("fetch", format!("{what} from {}: {e}", event.source_region), event))
         };
         match (event.entity, event.operation) {
-            (Entity::Certificate, Operation::Created) if event.document.is_none() => {
+            (Entity::Certificate, Operation::Created) if !carries_pem(&event) => {
                 let id = event.name.clone();
                 match self.certificate(&id, &event).await {
                     Ok(Some(mut events)) => {
@@ -130,9 +130,12 @@ impl SourceFetcher {
                     Err(e) => return Err(fail(event, "listing the thing's principals", e)),
                 };
                 let mut before = Vec::new();
+                // Added to the event only once every certificate is fetched: a
+                // failed fetch dead-letters the event as it came.
+                let mut attached = Vec::new();
                 for principal in principals {
                     let Some((_, id)) = principal.rsplit_once(":cert/") else { continue };
-                    event.related.push((related::PRINCIPAL.into(), id.to_string()));
+                    attached.push((related::PRINCIPAL.to_string(), id.to_string()));
                     if !self.carried(Entity::Certificate, id) {
                         match self.certificate(id, &event).await {
                             Ok(Some(events)) => before.extend(events),
@@ -141,6 +144,7 @@ impl SourceFetcher {
                         }
                     }
                 }
+                event.related.extend(attached);
                 before.push(event);
                 Ok(before)
             }
@@ -234,4 +238,13 @@ impl BlockingFetcher {
     pub fn stats(&self) -> super::CallStats {
         self.fetcher.limiter.stats()
     }
+}
+
+/// Whether a certificate event holds its PEM (`certificatePem` in its document).
+pub fn carries_pem(event: &Event) -> bool {
+    event
+        .document
+        .as_deref()
+        .and_then(|d| serde_json::from_str::<serde_json::Value>(d).ok())
+        .is_some_and(|d| d.get("certificatePem").and_then(serde_json::Value::as_str).is_some_and(|p| !p.is_empty()))
 }

@@ -19,6 +19,7 @@ pub const DEFAULT_RATES: &[(&str, f64)] = &[
     ("CreateThingGroup", 25.0),
     ("UpdateThingGroup", 25.0),
     ("DeleteThingGroup", 25.0),
+    ("DeleteDynamicThingGroup", 25.0),
     ("AddThingToThingGroup", 100.0),
     ("RemoveThingFromThingGroup", 100.0),
     ("CreateBillingGroup", 25.0),

@@ -71,7 +71,8 @@ impl GlobalRegistry {
         let deadline = std::time::Instant::now() + TABLE_ACTIVE_TIMEOUT;
         loop {
             match self.table_status().await? {
-                Some(TableStatus::Active) | None => return Ok(()),
+                // An `UPDATING` table (a replica or index being added) takes writes.
+                Some(TableStatus::Active | TableStatus::Updating) | None => return Ok(()),
                 Some(status) if std::time::Instant::now() >= deadline => {
                     return Err(AwsError::permanent(
                         "DescribeTable",
@@ -89,7 +90,21 @@ impl GlobalRegistry {
         }
     }
 
+    /// Whether [`GlobalRegistry::record`] writes anything for `entity`.
+    pub fn records(entity: Entity) -> bool {
+        matches!(
+            entity,
+            Entity::Thing
+                | Entity::ThingTypeAssociation
+                | Entity::ThingGroupMembership
+                | Entity::BillingGroupMembership
+                | Entity::Shadow
+        )
+    }
+
     /// Records what `event` says about a thing; other events are not about one.
+    /// A row already updated by a newer event is left alone (a replayed
+    /// letter never rolls it back).
     pub async fn record(&self, event: &Event) -> Result<(), AwsError> {
         let s = |v: &str| AttributeValue::S(v.to_string());
         let now = AttributeValue::N(event.timestamp_ms.to_string());
@@ -156,6 +171,8 @@ impl GlobalRegistry {
             _ => return Ok(()),
         };
         let uses_state = expression.contains("#state");
+        // Events without a time (0) cannot be ordered: they always write.
+        let newer_only = (event.timestamp_ms > 0).then_some("attribute_not_exists(updatedAtMs) OR updatedAtMs <= :at");
         let request = self
             .client
             .update_item()
@@ -163,16 +180,25 @@ impl GlobalRegistry {
             .key(KEY, s(&event.name))
             .key(SORT_KEY, s(&event.source_region))
             .update_expression(expression)
+            .set_condition_expression(newer_only.map(str::to_string))
             .set_expression_attribute_names(
                 uses_state.then(|| HashMap::from([("#state".to_string(), "state".to_string())])),
             )
             .set_expression_attribute_values(Some(values));
-        self.limiter
+        match self
+            .limiter
             .send(&self.region, "UpdateItem", || {
                 let request = request.clone();
                 async move { request.send().await.map_err(AwsError::from_sdk) }
             })
             .await
-            .map(drop)
+        {
+            Ok(_) => Ok(()),
+            Err(e) if e.code == "ConditionalCheckFailedException" => {
+                tracing::debug!(thing = %event.name, event = %event.id, "global registry: a newer change is recorded already");
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
     }
 }

@@ -85,7 +85,9 @@ impl Batch {
         self.events.get_mut(index as usize).ok_or(BatchError::OutOfRange { index, len })
     }
 
+    /// Charges a change: what it stores, plus its journal entry.
     fn charge(&mut self, bytes: usize) -> Result<(), BatchError> {
+        let bytes = bytes + std::mem::size_of::<Undo>();
         self.bytes_left =
             self.bytes_left.checked_sub(bytes).ok_or(BatchError::TooManyBytes { limit: self.bytes_limit })?;
         Ok(())
@@ -117,6 +119,7 @@ impl Batch {
     }
 
     pub fn remove_attribute(&mut self, index: u32, key: &Arc<str>) -> Result<bool, BatchError> {
+        self.charge(0)?;
         let old = self.get_mut(index)?.attributes.remove(&**key);
         let existed = old.is_some();
         if existed {
@@ -159,6 +162,15 @@ impl Batch {
         let event = self.get_mut(index)?;
         let old = event.related.clone();
         event.set_related(&kind, name);
+        self.journal.push(Undo::Related(index, old));
+        Ok(())
+    }
+
+    pub fn add_related(&mut self, index: u32, kind: String, name: String) -> Result<(), BatchError> {
+        self.charge(kind.len() + name.len())?;
+        let event = self.get_mut(index)?;
+        let old = event.related.clone();
+        event.related.push((kind, name));
         self.journal.push(Undo::Related(index, old));
         Ok(())
     }

@@ -55,6 +55,14 @@ fn trap(error: BatchError) -> wasmtime::Error {
     wasmtime::Error::msg(error.to_string())
 }
 
+/// A write to many events names each event at most once.
+fn check_indices(method: &str, indices: &[u32], len: usize) -> wasmtime::Result<()> {
+    if indices.len() > len {
+        bail!("{method}: {} indices for a batch of {len} events", indices.len());
+    }
+    Ok(())
+}
+
 impl iotdr::plugin::types::Host for StoreState {}
 
 impl iotdr::plugin::types::HostBatch for StoreState {
@@ -134,6 +142,18 @@ impl iotdr::plugin::types::HostBatch for StoreState {
     ) -> wasmtime::Result<()> {
         self.batch.set_related(index, kind, name).map_err(trap)
     }
+    fn add_related(
+        &mut self,
+        _: Resource<BatchHandle>,
+        index: u32,
+        kind: String,
+        name: String,
+    ) -> wasmtime::Result<()> {
+        if kind.is_empty() || name.is_empty() {
+            bail!("add-related: kind and name cannot be empty");
+        }
+        self.batch.add_related(index, kind, name).map_err(trap)
+    }
     fn document(&mut self, _: Resource<BatchHandle>, index: u32) -> wasmtime::Result<Option<String>> {
         Ok(self.batch.get(index).map_err(trap)?.document.clone())
     }
@@ -159,6 +179,7 @@ impl iotdr::plugin::types::HostBatch for StoreState {
         indices: Vec<u32>,
         regions: Vec<String>,
     ) -> wasmtime::Result<()> {
+        check_indices("set-targets-of", &indices, self.batch.events.len())?;
         for index in indices {
             self.batch.set_targets(index, regions.clone()).map_err(trap)?;
         }
@@ -171,6 +192,7 @@ impl iotdr::plugin::types::HostBatch for StoreState {
         key: String,
         value: String,
     ) -> wasmtime::Result<()> {
+        check_indices("set-attribute-of", &indices, self.batch.events.len())?;
         if key.is_empty() {
             bail!("set-attribute-of: an attribute key cannot be empty");
         }
@@ -186,6 +208,7 @@ impl iotdr::plugin::types::HostBatch for StoreState {
         indices: Vec<u32>,
         key: String,
     ) -> wasmtime::Result<()> {
+        check_indices("remove-attribute-of", &indices, self.batch.events.len())?;
         let key: Arc<str> = key.into();
         for index in indices {
             self.batch.remove_attribute(index, &key).map_err(trap)?;
@@ -199,6 +222,7 @@ impl iotdr::plugin::types::HostBatch for StoreState {
         key: String,
         new_key: String,
     ) -> wasmtime::Result<()> {
+        check_indices("rename-attribute-of", &indices, self.batch.events.len())?;
         if new_key.is_empty() {
             bail!("rename-attribute-of: an attribute key cannot be empty");
         }

@@ -136,7 +136,10 @@ async fn record_in_registry(
     let mut seen = std::collections::HashSet::new();
     for (index, job) in jobs.iter().enumerate() {
         let applied = matches!(results[index], Some(JobResult::Applied));
-        if !applied || !seen.insert((job.event.id.as_str(), job.event.name.as_str(), job.event.entity)) {
+        if !applied
+            || !GlobalRegistry::records(job.event.entity)
+            || !seen.insert((job.event.id.as_str(), job.event.name.as_str(), job.event.entity))
+        {
             continue;
         }
         match per_thing.iter_mut().find(|(name, _)| *name == job.event.name) {

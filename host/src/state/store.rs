@@ -62,14 +62,23 @@ impl StateStore {
         let path = dir.join("state.db");
         let fail = |message: String| StateError { path: path.clone(), message };
         std::fs::create_dir_all(dir).map_err(|e| fail(format!("cannot create the folder: {e}")))?;
-        let conn = Connection::open(&path).map_err(|e| fail(e.to_string()))?;
-        // It holds the fleet's certificates and dead-lettered events: the owner's alone.
+        // It holds the fleet's certificates and dead-lettered events: created
+        // for its owner alone (SQLite gives its -wal and -shm files the same
+        // mode). An existing file keeps the mode its operator chose.
         #[cfg(unix)]
-        {
-            use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
-                .map_err(|e| fail(format!("cannot restrict its permissions: {e}")))?;
+        if !path.exists() {
+            use std::os::unix::fs::OpenOptionsExt;
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&path)
+                .or_else(|e| {
+                    if e.kind() == std::io::ErrorKind::AlreadyExists { Ok(std::fs::File::open(&path)?) } else { Err(e) }
+                })
+                .map_err(|e| fail(format!("cannot create it: {e}")))?;
         }
+        let conn = Connection::open(&path).map_err(|e| fail(e.to_string()))?;
         conn.busy_timeout(std::time::Duration::from_secs(10)).map_err(|e| fail(e.to_string()))?;
         conn.execute_batch(SCHEMA).map_err(|e| fail(e.to_string()))?;
         Ok(StateStore { path, conn: Mutex::new(conn) })
@@ -229,6 +238,16 @@ impl StateStore {
 mod tests {
     use super::*;
     use crate::event::{Entity, Event, Operation};
+
+    #[cfg(unix)]
+    #[test]
+    fn a_new_store_is_its_owners_alone() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let store = StateStore::open(dir.path()).unwrap();
+        let mode = std::fs::metadata(store.path()).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
 
     #[test]
     fn everything_survives_a_reopen() {

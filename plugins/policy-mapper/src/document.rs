@@ -17,8 +17,9 @@ impl<'a> PolicyDocument<'a> {
     }
 
     /// Passes every string value (object keys excluded) that starts with
-    /// `arn:` to `rewrite`; returns the new document when any changed.
-    pub fn rewrite_arns(&self, rewrite: impl Fn(&str) -> Option<String>) -> Option<String> {
+    /// `arn:` to `rewrite`; returns the new document when any changed. `Err`
+    /// for a string that does not decode (a lone UTF-16 surrogate).
+    pub fn rewrite_arns(&self, rewrite: impl Fn(&str) -> Option<String>) -> Result<Option<String>, String> {
         let text = self.0;
         let bytes = text.as_bytes();
         let mut out = String::new();
@@ -45,7 +46,7 @@ impl<'a> PolicyDocument<'a> {
             let value: Cow<str> = if escaped {
                 match serde_json::from_str::<String>(&text[open..=close]) {
                     Ok(value) => Cow::Owned(value),
-                    Err(_) => continue,
+                    Err(e) => return Err(format!("string at byte {open} does not decode: {e}")),
                 }
             } else {
                 Cow::Borrowed(raw)
@@ -69,10 +70,10 @@ impl<'a> PolicyDocument<'a> {
             }
         }
         if copied == 0 {
-            return None;
+            return Ok(None);
         }
         out.push_str(&text[copied..]);
-        Some(out)
+        Ok(Some(out))
     }
 }
 
@@ -119,7 +120,7 @@ mod tests {
     fn rewrites_values_keeps_keys_and_layout() {
         let text = r#"{ "arn:aws:iot:us-east-1:1:key" : "arn:aws:iot:us-east-1:1:topic/a",
             "list": ["x", "arn:aws:iot:us-east-1:1:client/\"q\"", "arn:aws:iot:*:1:t", 3] }"#;
-        let out = PolicyDocument::parse(text).unwrap().rewrite_arns(upper).unwrap();
+        let out = PolicyDocument::parse(text).unwrap().rewrite_arns(upper).unwrap().unwrap();
         assert_eq!(
             out,
             r#"{ "arn:aws:iot:us-east-1:1:key" : "arn:aws:iot:eu-west-1:1:topic/a",
@@ -147,13 +148,15 @@ mod tests {
     #[test]
     fn escaped_arns_are_decoded_first_and_unchanged_documents_give_none() {
         let text = r#"["\u0061rn:aws:iot:us-east-1:1:topic\/a", "x\\", "arn:aws:iot:us-east-1:1:y"]"#;
-        let out = PolicyDocument::parse(text).unwrap().rewrite_arns(upper).unwrap();
+        let out = PolicyDocument::parse(text).unwrap().rewrite_arns(upper).unwrap().unwrap();
         assert_eq!(
             serde_json::from_str::<Vec<String>>(&out).unwrap(),
             ["arn:aws:iot:eu-west-1:1:topic/a", "x\\", "arn:aws:iot:eu-west-1:1:y"]
         );
-        assert_eq!(PolicyDocument::parse(r#"{"a":"arn:aws:iot:*:1:t"}"#).unwrap().rewrite_arns(upper), None);
+        assert_eq!(PolicyDocument::parse(r#"{"a":"arn:aws:iot:*:1:t"}"#).unwrap().rewrite_arns(upper), Ok(None));
         assert!(PolicyDocument::parse("{not json").is_err());
+        let lone = PolicyDocument::parse(r#"["\ud800arn"]"#).unwrap();
+        assert!(lone.rewrite_arns(upper).is_err(), "a string that does not decode fails the document");
         assert!(PolicyDocument::parse(r#"{"a":1} {"b":2}"#).is_err());
     }
 }

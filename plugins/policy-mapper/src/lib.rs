@@ -13,6 +13,11 @@
 //! the source region becomes the target region and accounts are mapped by
 //! `account_map`; wildcards and other regions are left alone. `name_template`
 //! may use `{name}`, `{region}` and `{source_region}` (default `{name}`).
+//!
+//! Certificates name the policies attached to them (`policy` related entries):
+//! those names are mapped by the same template, so a renamed policy is still
+//! the one attached. With `{region}` in the template a certificate bound for
+//! several regions is split too, one event per region.
 
 mod document;
 
@@ -46,23 +51,95 @@ impl PolicyMapper {
         source_region: &str,
         region: &str,
         document: Option<PolicyDocument>,
-    ) {
+    ) -> Result<(), String> {
         event.set_targets(&[region]);
-        let mapped_name = self
-            .0
-            .name_template
-            .replace("{name}", name)
-            .replace("{region}", region)
-            .replace("{source_region}", source_region);
-        if mapped_name != name {
-            event.set_name(&mapped_name);
+        if let Some(mapped) = map_name(&self.0.name_template, name, region, source_region) {
+            event.set_name(&mapped);
         }
-        if let Some(mapped) =
-            document.and_then(|d| d.rewrite_arns(|arn| map_arn(arn, source_region, region, &self.0.account_map)))
+        let account_map = &self.0.account_map;
+        if let Some(document) = document
+            && let Some(mapped) = document
+                .rewrite_arns(|arn| map_arn(arn, source_region, region, account_map))
+                .map_err(|e| format!("policy document of {name}: {e}"))?
         {
             event.set_document(Some(&mapped));
         }
+        Ok(())
     }
+
+    fn map_policy(&self, event: Event) -> Outcome {
+        let targets = event.targets();
+        let Some((first, rest)) = targets.split_first() else {
+            return Outcome::Keep;
+        };
+        let name = event.name();
+        let text = event.document();
+        let document = match text.as_deref().map(PolicyDocument::parse) {
+            None => None,
+            Some(Ok(document)) => Some(document),
+            Some(Err(e)) => {
+                let message = format!("policy document of {name} is not JSON: {e}");
+                return Outcome::Fail { message, retryable: false };
+            }
+        };
+        let source_region = event.source_region();
+        // Copies first, while the original still holds the source document.
+        let copies: Vec<Event> = rest.iter().map(|_| event.duplicate()).collect();
+        let mut indices = vec![event.index()];
+        let mut result = self.map_for_region(&event, &name, &source_region, first, document);
+        for (copy, region) in copies.iter().zip(rest) {
+            result = result.and_then(|()| self.map_for_region(copy, &name, &source_region, region, document));
+            indices.push(copy.index());
+        }
+        match result {
+            Err(message) => Outcome::Fail { message, retryable: false },
+            Ok(()) if indices.len() == 1 => Outcome::Keep,
+            Ok(()) => Outcome::Split(indices),
+        }
+    }
+
+    /// Maps the names of the policies a certificate attaches.
+    fn map_certificate(&self, event: Event) -> Outcome {
+        if self.0.name_template == "{name}" {
+            return Outcome::Keep;
+        }
+        let related = event.related_all();
+        let policies: Vec<&str> = related.iter().filter(|(k, _)| k == "policy").map(|(_, v)| v.as_str()).collect();
+        let targets = event.targets();
+        if policies.is_empty() || targets.is_empty() {
+            return Outcome::Keep;
+        }
+        let source_region = event.source_region();
+        let attach = |event: &Event, region: &str| {
+            event.set_related("policy", None);
+            for policy in &policies {
+                let mapped = map_name(&self.0.name_template, policy, region, &source_region);
+                event.add_related("policy", mapped.as_deref().unwrap_or(policy));
+            }
+        };
+        if !self.0.name_template.contains("{region}") {
+            // The same names in every region: no need to split.
+            attach(&event, &targets[0]);
+            return Outcome::Keep;
+        }
+        let copies: Vec<Event> = targets[1..].iter().map(|_| event.duplicate()).collect();
+        let mut indices = Vec::with_capacity(targets.len());
+        for (each, region) in std::iter::once(event).chain(copies).zip(&targets) {
+            each.set_targets(&[region]);
+            attach(&each, region);
+            indices.push(each.index());
+        }
+        if indices.len() == 1 { Outcome::Keep } else { Outcome::Split(indices) }
+    }
+}
+
+/// `template` for a policy named `name` in `region`; `None` when the name stays.
+pub fn map_name(template: &str, name: &str, region: &str, source_region: &str) -> Option<String> {
+    if template == "{name}" {
+        return None;
+    }
+    let mapped = template.replace("{name}", name).replace("{region}", region).replace("{source_region}", source_region);
+    (mapped != name).then_some(mapped)
 }
 
 impl Stage for PolicyMapper {
@@ -79,37 +156,16 @@ impl Stage for PolicyMapper {
     }
 
     fn entities(&self) -> Vec<Entity> {
-        vec![Entity::Policy]
+        vec![Entity::Policy, Entity::Certificate]
     }
 
     fn process(&mut self, batch: &Batch) -> Vec<Outcome> {
+        let entities = batch.entities();
         (0..batch.len())
-            .map(|index| {
-                let event = batch.event(index);
-                let targets = event.targets();
-                let Some((first, rest)) = targets.split_first() else {
-                    return Outcome::Keep;
-                };
-                let name = event.name();
-                let text = event.document();
-                let document = match text.as_deref().map(PolicyDocument::parse) {
-                    None => None,
-                    Some(Ok(document)) => Some(document),
-                    Some(Err(e)) => {
-                        let message = format!("policy document of {name} is not JSON: {e}");
-                        return Outcome::Fail { message, retryable: false };
-                    }
-                };
-                let source_region = event.source_region();
-                // Copies first, while the original still holds the source document.
-                let copies: Vec<Event> = rest.iter().map(|_| event.duplicate()).collect();
-                let mut indices = vec![index];
-                self.map_for_region(&event, &name, &source_region, first, document);
-                for (copy, region) in copies.iter().zip(rest) {
-                    self.map_for_region(copy, &name, &source_region, region, document);
-                    indices.push(copy.index());
-                }
-                if indices.len() == 1 { Outcome::Keep } else { Outcome::Split(indices) }
+            .map(|index| match entities[index as usize] {
+                Entity::Policy => self.map_policy(batch.event(index)),
+                Entity::Certificate => self.map_certificate(batch.event(index)),
+                _ => Outcome::Keep,
             })
             .collect()
     }
@@ -154,6 +210,53 @@ mod tests {
         let outcomes = batch.run(&mut stage);
         assert_eq!(outcomes[0], Outcome::Keep);
         assert!(matches!(&outcomes[1], Outcome::Fail { message, retryable: false } if message.contains("not JSON")));
+    }
+
+    #[test]
+    fn certificates_attach_the_mapped_policy_names() {
+        let certificate = || {
+            let mut event =
+                TestEvent::new(iotdr_plugin::Entity::Certificate, iotdr_plugin::Operation::Created, "c0ffee")
+                    .related("certificate-status", "ACTIVE")
+                    .related("policy", "device")
+                    .related("policy", "telemetry");
+            event.targets = vec!["eu-west-1".into(), "ap-southeast-2".into()];
+            event
+        };
+        let policies = |event: &TestEvent| -> Vec<String> {
+            event.related.iter().filter(|(k, _)| k == "policy").map(|(_, v)| v.clone()).collect()
+        };
+
+        let mut per_region: PolicyMapper = stage_from_json(r#"{"name_template":"{name}-{region}"}"#).unwrap();
+        let batch = TestBatch::new(vec![certificate()]);
+        assert_eq!(batch.run(&mut per_region), vec![Outcome::Split(vec![0, 1])]);
+        let events = batch.events();
+        assert_eq!(
+            (events[0].targets.clone(), policies(&events[0])),
+            (vec!["eu-west-1".to_string()], vec!["device-eu-west-1".to_string(), "telemetry-eu-west-1".to_string()])
+        );
+        assert_eq!(policies(&events[1]), ["device-ap-southeast-2", "telemetry-ap-southeast-2"]);
+        assert_eq!(events[1].related[0], ("certificate-status".to_string(), "ACTIVE".to_string()));
+
+        let mut prefixed: PolicyMapper = stage_from_json(r#"{"name_template":"dr-{name}"}"#).unwrap();
+        let batch = TestBatch::new(vec![certificate()]);
+        assert_eq!(batch.run(&mut prefixed), vec![Outcome::Keep], "the same names everywhere: no split");
+        assert_eq!(policies(&batch.event(0)), ["dr-device", "dr-telemetry"]);
+        assert_eq!(batch.event(0).targets.len(), 2);
+
+        let mut unchanged: PolicyMapper = stage_from_json("{}").unwrap();
+        let batch = TestBatch::new(vec![certificate()]);
+        assert_eq!(batch.run(&mut unchanged), vec![Outcome::Keep]);
+        assert_eq!(batch.event(0), certificate());
+    }
+
+    #[test]
+    fn a_document_with_an_undecodable_arn_fails() {
+        let mut stage: PolicyMapper = stage_from_json("{}").unwrap();
+        let batch = TestBatch::new(vec![TestEvent::policy("odd", r#"{"Resource":"\ud800arn:aws:iot:us-east-1:1:t"}"#)]);
+        assert!(
+            matches!(&batch.run(&mut stage)[0], Outcome::Fail { message, .. } if message.contains("does not decode"))
+        );
     }
 
     #[test]

@@ -316,6 +316,10 @@ impl<'a> Event<'a> {
     pub fn set_related(&self, kind: &str, name: Option<&str>) {
         self.batch.inner.set_related(self.index, kind, name)
     }
+    /// Adds an entry of `kind`; kinds such as `policy` and `principal` repeat.
+    pub fn add_related(&self, kind: &str, name: &str) {
+        self.batch.inner.add_related(self.index, kind, name)
+    }
     pub fn document(&self) -> Option<String> {
         self.batch.inner.document(self.index)
     }
@@ -347,8 +351,18 @@ pub mod __private {
         Ok((stage, entities))
     }
 
+    /// Runs the stage on a batch. "Every event kept" crosses as an empty
+    /// list, so a wrong count must not: it stops the call here.
     pub fn process<S: Stage>(stage: &mut S, batch: Batch) -> Vec<super::Outcome> {
-        stage.process(&batch)
+        let events = batch.len();
+        let outcomes = stage.process(&batch);
+        if outcomes.len() != events as usize {
+            panic!("the plug-in broke the contract: returned {} outcomes for {events} events", outcomes.len());
+        }
+        if outcomes.iter().all(|o| matches!(o, super::Outcome::Keep)) {
+            return Vec::new();
+        }
+        outcomes
     }
 }
 
@@ -378,12 +392,10 @@ macro_rules! export_stage {
                     __STAGE.with(|cell| {
                         let mut guard = cell.borrow_mut();
                         let stage = guard.as_mut().expect("the host calls init before process");
-                        let outcomes = $crate::__private::process(stage, $crate::Batch::from_inner(events));
-                        // "Every event kept" crosses as an empty list.
-                        if outcomes.iter().all(|o| ::std::matches!(o, $crate::Outcome::Keep)) {
-                            return ::std::vec::Vec::new();
-                        }
-                        outcomes.into_iter().map(::std::convert::Into::into).collect()
+                        $crate::__private::process(stage, $crate::Batch::from_inner(events))
+                            .into_iter()
+                            .map(::std::convert::Into::into)
+                            .collect()
                     })
                 }
             }

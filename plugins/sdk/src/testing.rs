@@ -222,6 +222,10 @@ impl TestBatch {
             }
         })
     }
+    pub(crate) fn add_related(&self, index: u32, kind: &str, name: &str) {
+        assert!(!kind.is_empty() && !name.is_empty(), "add-related: kind and name cannot be empty");
+        self.with_mut(index, |e| e.related.push((kind.into(), name.into())))
+    }
     pub(crate) fn document(&self, index: u32) -> Option<String> {
         self.with(index, |e| e.document.clone())
     }
