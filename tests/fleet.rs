@@ -262,3 +262,20 @@ async fn letters_that_never_reached_the_source_fetch_it_on_replay() {
     assert_eq!(target["certificates"][&id], json!({ "status": "ACTIVE", "policies": ["device"] }));
     assert_eq!(target["policies"]["device"]["versions"], 1);
 }
+
+#[tokio::test]
+async fn renamed_policies_stay_attached_to_their_certificates() {
+    let moto = Moto::start();
+    let id = certificate_with_policy(&moto).await;
+    // `extra` ends the [apply] table: a stage can follow it.
+    let stage = format!(
+        "\n[[stage]]\nname = \"policies-for-target\"\nplugin = \"{}\"\nconfig = {{ name_template = \"{{name}}-{{region}}\" }}\n",
+        common::root().join("plugins/dist/policy-mapper.wasm").display()
+    );
+    let test = Run::new(SOURCE, &moto.url, TARGET, &moto.url, &[certificate_created(&id)], &stage);
+    let summary = test.run(&moto);
+    assert_eq!(summary["run"]["dead_letters"], 0, "{summary} {:?}", test.dead_letters(&moto));
+    let target = region_state(&moto, TARGET).await;
+    assert_eq!(target["certificates"][&id], json!({ "status": "ACTIVE", "policies": ["device-eu-west-1"] }));
+    assert_eq!(target["policies"].as_object().unwrap().keys().collect::<Vec<_>>(), ["device-eu-west-1"]);
+}
