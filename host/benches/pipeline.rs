@@ -96,8 +96,15 @@ fn main() {
         std::process::exit(2);
     }
 
-    let config = PipelineConfig::parse(&workspace.join("pipelines/bench.toml"), PIPELINE, &|_| None)
+    let mut config = PipelineConfig::parse(&workspace.join("pipelines/bench.toml"), PIPELINE, &|_| None)
         .unwrap_or_else(|e| fail(&format!("bench pipeline: {e}")));
+    // `IOTDR_BENCH_STAGE=<stage name>` keeps that stage alone (with IOTDR_BENCH_ONLY, for profiling it).
+    if let Ok(name) = std::env::var("IOTDR_BENCH_STAGE") {
+        config.stages.retain(|stage| stage.name == name);
+        if config.stages.is_empty() {
+            fail(&format!("IOTDR_BENCH_STAGE={name}: no such stage"));
+        }
+    }
     let cache =
         option_env!("CARGO_TARGET_TMPDIR").map_or_else(std::env::temp_dir, PathBuf::from).join("iotdr-bench-plugins");
     let engine = PluginEngine::new(Some(cache)).unwrap_or_else(|e| fail(&format!("engine: {e}")));
@@ -112,11 +119,14 @@ fn main() {
 
     // `IOTDR_BENCH_ONLY=wasm` (or `native`) runs one side for a while and
     // reports nothing else: for profilers (`perf record ... target/release/deps/pipeline-*`).
+    // Batches are made before the rounds, so the profile shows the pipeline, not their copying.
     if let Ok(side) = std::env::var("IOTDR_BENCH_ONLY") {
+        let mut prepared: Vec<Vec<Vec<Event>>> = (0..ROUNDS * 3).map(|_| batches()).collect();
         for round in 0..ROUNDS * 3 {
+            let batches = std::mem::take(&mut prepared[round]);
             let elapsed = match side.as_str() {
-                "wasm" => run_wasm(&mut wasm, batches()).0,
-                "native" => run_native(&mut native, batches()).0,
+                "wasm" => run_wasm(&mut wasm, batches).0,
+                "native" => run_native(&mut native, batches).0,
                 other => fail(&format!("IOTDR_BENCH_ONLY={other}: expected wasm or native")),
             };
             println!("{side} round {round}: {} events/s", thousands(EVENTS as f64 / elapsed.as_secs_f64()));

@@ -141,20 +141,36 @@ impl Batch {
     /// Attribute `key` of every event: its distinct values, and per event 0
     /// (absent) or 1 + the index of its value.
     pub fn attribute_codes(&self, key: &str) -> (Vec<String>, Vec<u32>) {
-        let mut seen: HashMap<&str, u32> = HashMap::new();
-        let mut values = Vec::new();
+        // Few distinct values is the common case (customers, environments):
+        // compare against them; index them once there are many.
+        const FEW: usize = 8;
+        let mut distinct: Vec<&str> = Vec::new();
+        let mut index: HashMap<&str, u32> = HashMap::new();
         let codes = self
             .events
             .iter()
-            .map(|event| match event.attributes.get(key) {
-                None => 0,
-                Some(value) => *seen.entry(value).or_insert_with(|| {
-                    values.push(value.clone());
-                    values.len() as u32
-                }),
+            .map(|event| {
+                let Some(value) = event.attributes.get(key) else { return 0 };
+                let known = if distinct.len() <= FEW {
+                    distinct.iter().position(|v| *v == value).map(|at| at as u32 + 1)
+                } else {
+                    index.get(value.as_str()).copied()
+                };
+                known.unwrap_or_else(|| {
+                    distinct.push(value);
+                    let code = distinct.len() as u32;
+                    if distinct.len() > FEW {
+                        if index.is_empty() {
+                            index.extend(distinct.iter().enumerate().map(|(at, v)| (*v, at as u32 + 1)));
+                        } else {
+                            index.insert(value, code);
+                        }
+                    }
+                    code
+                })
             })
             .collect();
-        (values, codes)
+        (distinct.into_iter().map(str::to_string).collect(), codes)
     }
 
     pub fn set_related(&mut self, index: u32, kind: String, name: Option<String>) -> Result<(), BatchError> {
@@ -312,6 +328,30 @@ mod tests {
         assert!(!batch.events[0].attributes.contains_key("fw"));
         assert!(!batch.events[1].attributes.contains_key("firmware"));
         assert_eq!(batch.roll_back(), before);
+    }
+
+    #[test]
+    fn codes_stay_right_past_a_few_distinct_values() {
+        let events: Vec<Event> = (0..40)
+            .map(|i| {
+                let mut e = event(&format!("t{i}"));
+                e.attributes.insert("serial".into(), format!("s{}", i % 13));
+                if i % 7 == 0 {
+                    e.attributes.remove("serial");
+                }
+                e
+            })
+            .collect();
+        let batch = Batch::new(events.clone(), 1 << 20);
+        let (values, codes) = batch.attribute_codes("serial");
+        for (event, code) in events.iter().zip(codes) {
+            let value = (code > 0).then(|| values[code as usize - 1].clone());
+            assert_eq!(value.as_ref(), event.attributes.get("serial"));
+        }
+        let mut sorted = values.clone();
+        sorted.sort();
+        sorted.dedup();
+        assert_eq!(sorted.len(), values.len(), "each value once");
     }
 
     #[test]
