@@ -121,9 +121,8 @@ fn main() {
     // reports nothing else: for profilers (`perf record ... target/release/deps/pipeline-*`).
     // Batches are made before the rounds, so the profile shows the pipeline, not their copying.
     if let Ok(side) = std::env::var("IOTDR_BENCH_ONLY") {
-        let mut prepared: Vec<Vec<Vec<Event>>> = (0..ROUNDS * 3).map(|_| batches()).collect();
-        for round in 0..ROUNDS * 3 {
-            let batches = std::mem::take(&mut prepared[round]);
+        let prepared: Vec<Vec<Vec<Event>>> = (0..ROUNDS * 3).map(|_| batches()).collect();
+        for (round, batches) in prepared.into_iter().enumerate() {
             let elapsed = match side.as_str() {
                 "wasm" => run_wasm(&mut wasm, batches).0,
                 "native" => run_native(&mut native, batches).0,
