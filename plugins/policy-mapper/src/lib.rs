@@ -43,59 +43,55 @@ fn keep_name() -> String {
 pub struct PolicyMapper(Config);
 
 impl PolicyMapper {
-    /// Rewrites `event` for `region`; `document` is its source document.
-    fn map_for_region(
-        &self,
-        event: &Event,
-        name: &str,
-        source_region: &str,
-        region: &str,
-        document: Option<PolicyDocument>,
-    ) -> Result<(), String> {
-        event.set_targets(&[region]);
-        if let Some(mapped) = map_name(&self.0.name_template, name, region, source_region) {
-            event.set_name(&mapped);
-        }
-        let account_map = &self.0.account_map;
-        if let Some(document) = document
-            && let Some(mapped) = document
-                .rewrite_arns(|arn| map_arn(arn, source_region, region, account_map))
-                .map_err(|e| format!("policy document of {name}: {e}"))?
-        {
-            event.set_document(Some(&mapped));
-        }
-        Ok(())
-    }
-
-    fn map_policy(&self, event: Event) -> Outcome {
+    /// Splits a policy per target region and rewrites each copy for its
+    /// region. Targets are written by the caller, in one call per region
+    /// (`targets_of`), once every event is decided.
+    fn map_policy(&self, event: Event, targets_of: &mut Vec<(String, Vec<u32>)>) -> Outcome {
         let targets = event.targets();
-        let Some((first, rest)) = targets.split_first() else {
+        if targets.is_empty() {
             return Outcome::Keep;
-        };
+        }
         let name = event.name();
+        let source_region = event.source_region();
         let text = event.document();
-        let document = match text.as_deref().map(PolicyDocument::parse) {
-            None => None,
-            Some(Ok(document)) => Some(document),
+        // Everything that can fail comes before the first change.
+        let documents: Vec<Option<String>> = match text.as_deref().map(PolicyDocument::parse) {
+            None => targets.iter().map(|_| None).collect(),
             Some(Err(e)) => {
                 let message = format!("policy document of {name} is not JSON: {e}");
                 return Outcome::Fail { message, retryable: false };
             }
+            Some(Ok(document)) => {
+                let account_map = &self.0.account_map;
+                let mapped: Result<Vec<Option<String>>, String> = targets
+                    .iter()
+                    .map(|region| document.rewrite_arns(|arn| map_arn(arn, &source_region, region, account_map)))
+                    .collect();
+                match mapped {
+                    Ok(mapped) => mapped,
+                    Err(e) => {
+                        return Outcome::Fail { message: format!("policy document of {name}: {e}"), retryable: false };
+                    }
+                }
+            }
         };
-        let source_region = event.source_region();
         // Copies first, while the original still holds the source document.
-        let copies: Vec<Event> = rest.iter().map(|_| event.duplicate()).collect();
-        let mut indices = vec![event.index()];
-        let mut result = self.map_for_region(&event, &name, &source_region, first, document);
-        for (copy, region) in copies.iter().zip(rest) {
-            result = result.and_then(|()| self.map_for_region(copy, &name, &source_region, region, document));
-            indices.push(copy.index());
+        let copies: Vec<Event> = targets[1..].iter().map(|_| event.duplicate()).collect();
+        let mut indices = Vec::with_capacity(targets.len());
+        for ((each, region), document) in std::iter::once(event).chain(copies).zip(&targets).zip(documents) {
+            if let Some(mapped) = map_name(&self.0.name_template, &name, region, &source_region) {
+                each.set_name(&mapped);
+            }
+            if let Some(document) = document {
+                each.set_document(Some(&document));
+            }
+            match targets_of.iter_mut().find(|(r, _)| r == region) {
+                Some((_, indices)) => indices.push(each.index()),
+                None => targets_of.push((region.clone(), vec![each.index()])),
+            }
+            indices.push(each.index());
         }
-        match result {
-            Err(message) => Outcome::Fail { message, retryable: false },
-            Ok(()) if indices.len() == 1 => Outcome::Keep,
-            Ok(()) => Outcome::Split(indices),
-        }
+        if indices.len() == 1 { Outcome::Keep } else { Outcome::Split(indices) }
     }
 
     /// Maps the names of the policies a certificate attaches.
@@ -156,18 +152,24 @@ impl Stage for PolicyMapper {
     }
 
     fn entities(&self) -> Vec<Entity> {
-        vec![Entity::Policy, Entity::Certificate]
+        // Certificates only name policies: with names kept, nothing to do to them.
+        if self.0.name_template == "{name}" { vec![Entity::Policy] } else { vec![Entity::Policy, Entity::Certificate] }
     }
 
     fn process(&mut self, batch: &Batch) -> Vec<Outcome> {
         let entities = batch.entities();
-        (0..batch.len())
+        let mut targets_of = Vec::new();
+        let outcomes = (0..batch.len())
             .map(|index| match entities[index as usize] {
-                Entity::Policy => self.map_policy(batch.event(index)),
+                Entity::Policy => self.map_policy(batch.event(index), &mut targets_of),
                 Entity::Certificate => self.map_certificate(batch.event(index)),
                 _ => Outcome::Keep,
             })
-            .collect()
+            .collect();
+        for (region, indices) in targets_of {
+            batch.set_targets_of(&indices, &[region]);
+        }
+        outcomes
     }
 }
 
