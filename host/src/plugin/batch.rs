@@ -63,7 +63,8 @@ impl Batch {
         let original_len = events.len();
         Batch {
             events,
-            journal: Vec::new(),
+            // Room for a couple of changes per event without regrowing.
+            journal: Vec::with_capacity(original_len * 2),
             original_len,
             // Splits beyond this are a runaway plug-in, not a real fan-out.
             max_events: original_len.saturating_mul(64).max(1024),
