@@ -209,7 +209,7 @@ fn plugin_test_prints_an_outcome_per_event_and_fails_on_failures() {
 }
 
 #[test]
-fn a_halted_run_keeps_the_dead_letters_its_batch_made_before() {
+fn a_halted_run_keeps_the_dead_letters_its_batch_made_before_once() {
     let dir = tempfile::tempdir().unwrap();
     let shadow = |thing: &str| {
         serde_json::json!({ "topic": format!("$aws/things/{thing}/shadow/update/accepted"),
@@ -244,9 +244,13 @@ on_error = "halt"
         ),
     )
     .unwrap();
-    let out = iotdr(&["run", pipeline.to_str().unwrap(), "--until-idle"], dir.path());
-    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
-    assert!(text(&out.stderr).contains("its on_error is halt"), "{}", text(&out.stderr));
+    // Twice: the file is read from its start again, and the same failure is
+    // one letter, not two.
+    for _ in 0..2 {
+        let out = iotdr(&["run", pipeline.to_str().unwrap(), "--until-idle"], dir.path());
+        assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+        assert!(text(&out.stderr).contains("its on_error is halt"), "{}", text(&out.stderr));
+    }
     let listed = iotdr(&["dead-letters", "list", pipeline.to_str().unwrap()], dir.path());
     let letters: Vec<Value> = text(&listed.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     assert_eq!(letters.len(), 1, "{letters:?}");

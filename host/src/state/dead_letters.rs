@@ -35,6 +35,24 @@ impl DeadLetter {
         }
     }
 
+    /// What makes two letters the same failure: the same step, and the same
+    /// event (with the same targets) or the same record from the same place.
+    pub fn fingerprint(&self) -> String {
+        const SEPARATOR: char = '\u{1f}';
+        let mut key = self.stage.clone();
+        if let Some(event) = &self.event {
+            for part in [event.id.as_str(), event.entity.as_str(), event.name.as_str(), &event.targets.join(",")] {
+                key.push(SEPARATOR);
+                key.push_str(part);
+            }
+        }
+        for part in [self.origin.as_deref(), self.record.as_deref()].into_iter().flatten() {
+            key.push(SEPARATOR);
+            key.push_str(part);
+        }
+        key
+    }
+
     /// The letter as it may be printed or logged: no certificate PEMs.
     pub fn redacted(&self) -> DeadLetter {
         DeadLetter { event: self.event.clone().map(redacted), ..self.clone() }

@@ -34,7 +34,8 @@ CREATE TABLE IF NOT EXISTS dead_letters (
     at_ms INTEGER NOT NULL,
     stage TEXT NOT NULL,
     reason TEXT NOT NULL,
-    letter TEXT NOT NULL
+    letter TEXT NOT NULL,
+    fingerprint TEXT
 );
 CREATE TABLE IF NOT EXISTS known (
     region TEXT NOT NULL,
@@ -81,6 +82,7 @@ impl StateStore {
         let conn = Connection::open(&path).map_err(|e| fail(e.to_string()))?;
         conn.busy_timeout(std::time::Duration::from_secs(10)).map_err(|e| fail(e.to_string()))?;
         conn.execute_batch(SCHEMA).map_err(|e| fail(e.to_string()))?;
+        add_fingerprints(&conn).map_err(|e| fail(e.to_string()))?;
         Ok(StateStore { path, conn: Mutex::new(conn) })
     }
 
@@ -95,14 +97,19 @@ impl StateStore {
 
     // ---- dead letters ---------------------------------------------------
 
+    /// Stores a letter; the same event failing at the same place again (a
+    /// source read again from its start) updates its letter, keeping its id.
     pub fn add_dead_letter(&self, letter: &DeadLetter) -> Result<i64, StateError> {
         let json = serde_json::to_string(letter).expect("dead letters are JSON");
+        let fingerprint = letter.fingerprint();
         self.with(|c| {
             c.execute(
-                "INSERT INTO dead_letters (at_ms, stage, reason, letter) VALUES (?1, ?2, ?3, ?4)",
-                params![letter.at_ms as i64, letter.stage, letter.reason, json],
+                "INSERT INTO dead_letters (at_ms, stage, reason, letter, fingerprint) VALUES (?1, ?2, ?3, ?4, ?5)
+                 ON CONFLICT (fingerprint) DO UPDATE
+                 SET at_ms = excluded.at_ms, reason = excluded.reason, letter = excluded.letter",
+                params![letter.at_ms as i64, letter.stage, letter.reason, json, fingerprint],
             )?;
-            Ok(c.last_insert_rowid())
+            c.query_row("SELECT id FROM dead_letters WHERE fingerprint = ?1", [&fingerprint], |row| row.get(0))
         })
     }
 
@@ -234,6 +241,17 @@ impl StateStore {
     }
 }
 
+/// Stores made before letters had fingerprints get the column (their old
+/// letters keep none, so they are never merged).
+fn add_fingerprints(conn: &Connection) -> rusqlite::Result<()> {
+    let has_column =
+        conn.prepare("SELECT 1 FROM pragma_table_info('dead_letters') WHERE name = 'fingerprint'")?.exists([])?;
+    if !has_column {
+        conn.execute_batch("ALTER TABLE dead_letters ADD COLUMN fingerprint TEXT")?;
+    }
+    conn.execute_batch("CREATE UNIQUE INDEX IF NOT EXISTS dead_letters_by_fingerprint ON dead_letters (fingerprint)")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -247,6 +265,25 @@ mod tests {
         let store = StateStore::open(dir.path()).unwrap();
         let mode = std::fs::metadata(store.path()).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
+    }
+
+    #[test]
+    fn the_same_failure_again_updates_its_letter() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = StateStore::open(dir.path()).unwrap();
+        let event = Event::new(Entity::Thing, Operation::Created, "t");
+        let first = store.add_dead_letter(&DeadLetter::for_event("apply", "throttled", event.clone())).unwrap();
+        let other = store.add_dead_letter(&DeadLetter::for_event("plan", "no type", event.clone())).unwrap();
+        let again = store.add_dead_letter(&DeadLetter::for_event("apply", "still throttled", event)).unwrap();
+        assert_eq!(first, again);
+        assert_ne!(first, other);
+        let letters = store.dead_letters().unwrap();
+        assert_eq!(letters.len(), 2);
+        assert_eq!(letters[0].letter.reason, "still throttled");
+        let bad = |origin: &str| DeadLetter::for_record("not JSON", "{oops", origin.into());
+        let a = store.add_dead_letter(&bad("events.jsonl:3")).unwrap();
+        assert_eq!(a, store.add_dead_letter(&bad("events.jsonl:3")).unwrap());
+        assert_ne!(a, store.add_dead_letter(&bad("events.jsonl:4")).unwrap());
     }
 
     #[test]
