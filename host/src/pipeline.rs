@@ -113,8 +113,8 @@ impl Pipeline {
             if events.is_empty() {
                 break;
             }
-            let mut next = Vec::with_capacity(events.len());
-            for fate in stage.runner.process(events) {
+            let mut next = Vec::new();
+            for fate in stage.runner.process_into(events, &mut next) {
                 match fate {
                     Fate::Kept(event) => next.push(event),
                     Fate::Split(events) => next.extend(events),

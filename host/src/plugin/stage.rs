@@ -198,6 +198,39 @@ impl StageRunner {
         fates.into_iter().map(|fate| fate.or_else(|| results.next()).expect("one fate per wanted event")).collect()
     }
 
+    /// Like [`StageRunner::process`], for a pipeline: what passes is appended
+    /// to `next` in order, and only dropped and failed events come back as
+    /// fates. When the stage keeps every event, the batch moves on as it is.
+    pub fn process_into(&mut self, events: Vec<Event>, next: &mut Vec<Event>) -> Vec<Fate> {
+        let mut others = Vec::new();
+        let mut pass = |fate: Fate, next: &mut Vec<Event>| match fate {
+            Fate::Kept(event) => next.push(event),
+            Fate::Split(events) => next.extend(events),
+            other => others.push(other),
+        };
+        if events.is_empty() || !events.iter().all(|e| self.wants[e.entity as usize]) {
+            for fate in self.process(events) {
+                pass(fate, next);
+            }
+            return others;
+        }
+        match self.call(events) {
+            Ok(Called::AllKept(mut events)) if next.is_empty() => std::mem::swap(next, &mut events),
+            Ok(Called::AllKept(mut events)) => next.append(&mut events),
+            Ok(Called::Decided(fates, retry)) => {
+                for fate in self.retry_retryable((fates, retry)) {
+                    pass(fate, next);
+                }
+            }
+            Err((events, reason)) => {
+                for fate in self.bisect(events, reason) {
+                    pass(fate, next);
+                }
+            }
+        }
+        others
+    }
+
     /// Runs a batch; if the call fails as a whole, splits the batch in halves
     /// and runs each, so only the events that make the plug-in fail are failed.
     fn run(&mut self, events: Vec<Event>) -> Vec<Fate> {
@@ -205,17 +238,22 @@ impl StageRunner {
             return Vec::new();
         }
         match self.call(events) {
-            Ok(fates) => self.retry_retryable(fates),
-            Err((mut events, reason)) => {
-                if events.len() == 1 {
-                    return vec![Fate::Failed(events.pop().expect("one event"), reason)];
-                }
-                let second = events.split_off(events.len() / 2);
-                let mut fates = self.run(events);
-                fates.extend(self.run(second));
-                fates
-            }
+            Ok(Called::AllKept(events)) => events.into_iter().map(Fate::Kept).collect(),
+            Ok(Called::Decided(fates, retry)) => self.retry_retryable((fates, retry)),
+            Err((events, reason)) => self.bisect(events, reason),
         }
+    }
+
+    /// After a call failed as a whole: each half on its own, down to the
+    /// single events that make it fail.
+    fn bisect(&mut self, mut events: Vec<Event>, reason: String) -> Vec<Fate> {
+        if events.len() == 1 {
+            return vec![Fate::Failed(events.pop().expect("one event"), reason)];
+        }
+        let second = events.split_off(events.len() / 2);
+        let mut fates = self.run(events);
+        fates.extend(self.run(second));
+        fates
     }
 
     fn retry_retryable(&mut self, (mut fates, mut retry): (Vec<Fate>, Vec<usize>)) -> Vec<Fate> {
@@ -233,7 +271,8 @@ impl StageRunner {
             for index in retry {
                 let Fate::Failed(event, _) = &fates[index] else { unreachable!("only failures are retryable") };
                 fates[index] = match self.call(vec![event.clone()]) {
-                    Ok((mut one, again)) => {
+                    Ok(Called::AllKept(mut one)) => Fate::Kept(one.pop().expect("one event")),
+                    Ok(Called::Decided(mut one, again)) => {
                         if !again.is_empty() {
                             still.push(index);
                         }
@@ -278,7 +317,7 @@ impl StageRunner {
             let kept = batch.original_len();
             let mut events = batch.commit_except(&[]);
             events.truncate(kept);
-            return Ok((events.into_iter().map(Fate::Kept).collect(), Vec::new()));
+            return Ok(Called::AllKept(events));
         }
         if let Err(violation) = check_outcomes(&outcomes, batch.original_len(), batch.events.len()) {
             return Err((batch.roll_back(), format!("the plug-in broke the contract: {violation}")));
@@ -300,10 +339,8 @@ impl StageRunner {
         };
         if !outcomes.iter().any(|o| matches!(o, Outcome::Split(_))) {
             // Each outcome is its own event's: no need to index (copies nobody named are discarded).
-            return Ok((
-                events.into_iter().zip(outcomes).map(|(event, outcome)| fate(event, outcome)).collect(),
-                retryable,
-            ));
+            let fates = events.into_iter().zip(outcomes).map(|(event, outcome)| fate(event, outcome)).collect();
+            return Ok(Called::Decided(fates, retryable));
         }
         let mut events: Vec<Option<Event>> = events.into_iter().map(Some).collect();
         let mut take = |index: u32| events[index as usize].take().expect("outcomes checked: each index once");
@@ -315,13 +352,20 @@ impl StageRunner {
                 other => fate(take(index as u32), other),
             })
             .collect();
-        Ok((fates, retryable))
+        Ok(Called::Decided(fates, retryable))
     }
 }
 
-/// Per event its fate, and which of them are retryable failures. Or, when
-/// the call failed as a whole, the events as they went in and why.
-type CallResult = Result<(Vec<Fate>, Vec<usize>), (Vec<Event>, String)>;
+/// What one `process` call decided.
+enum Called {
+    /// Every event kept (the empty outcome list), as they are now.
+    AllKept(Vec<Event>),
+    /// Per event its fate, and which of them are retryable failures.
+    Decided(Vec<Fate>, Vec<usize>),
+}
+
+/// Or, when the call failed as a whole, the events as they went in and why.
+type CallResult = Result<Called, (Vec<Event>, String)>;
 
 /// One outcome per original event (an empty list, "all kept", is handled
 /// before); split indices in range; no index claimed twice.
