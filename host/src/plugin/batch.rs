@@ -3,16 +3,18 @@
 
 use crate::event::Event;
 use std::collections::HashMap;
-use std::sync::Arc;
+
+/// An attribute key, stored once per call (a write to many events shares it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KeyId(u32);
 
 /// One change a stage made, with what it replaced.
 enum Undo {
     Name(u32, String),
     Targets(u32, Vec<String>),
-    /// The key is shared: a write to many events journals it once.
-    Attribute(u32, Arc<str>, Option<String>),
+    Attribute(u32, KeyId, Option<String>),
     /// `key` was renamed to `new_key`, which held the `Option` before.
-    Renamed(u32, Arc<str>, Arc<str>, Option<String>),
+    Renamed(u32, KeyId, KeyId, Option<String>),
     Related(u32, Vec<(String, String)>),
     Document(u32, Option<String>),
 }
@@ -44,6 +46,8 @@ pub enum BatchError {
 pub struct Batch {
     pub events: Vec<Event>,
     journal: Vec<Undo>,
+    /// The attribute keys the journal names.
+    keys: Vec<String>,
     /// Events in the batch when the call began; the rest are copies.
     original_len: usize,
     max_events: usize,
@@ -65,6 +69,7 @@ impl Batch {
             events,
             // Room for a couple of changes per event without regrowing.
             journal: Vec::with_capacity(original_len * 2),
+            keys: Vec::new(),
             original_len,
             // Splits beyond this are a runaway plug-in, not a real fan-out.
             max_events: original_len.saturating_mul(64).max(1024),
@@ -108,34 +113,47 @@ impl Batch {
         Ok(())
     }
 
-    pub fn set_attribute(&mut self, index: u32, key: &Arc<str>, value: String) -> Result<(), BatchError> {
-        self.charge(key.len() + value.len())?;
-        let event = self.get_mut(index)?;
-        let old = match event.attributes.get_mut(&**key) {
+    /// Stores an attribute key for the writes that follow (charged too).
+    pub fn key(&mut self, key: String) -> Result<KeyId, BatchError> {
+        self.charge(key.len())?;
+        self.keys.push(key);
+        Ok(KeyId(self.keys.len() as u32 - 1))
+    }
+
+    pub fn set_attribute(&mut self, index: u32, key: KeyId, value: String) -> Result<(), BatchError> {
+        let name = self.keys[key.0 as usize].as_str();
+        let cost = name.len() + value.len();
+        self.charge(cost)?;
+        let name = self.keys[key.0 as usize].as_str();
+        let event = event_mut(&mut self.events, index)?;
+        let old = match event.attributes.get_mut(name) {
             Some(slot) => Some(std::mem::replace(slot, value)),
-            None => event.attributes.insert(key.to_string(), value),
+            None => event.attributes.insert(name.to_string(), value),
         };
-        self.journal.push(Undo::Attribute(index, key.clone(), old));
+        self.journal.push(Undo::Attribute(index, key, old));
         Ok(())
     }
 
-    pub fn remove_attribute(&mut self, index: u32, key: &Arc<str>) -> Result<bool, BatchError> {
+    pub fn remove_attribute(&mut self, index: u32, key: KeyId) -> Result<bool, BatchError> {
         self.charge(0)?;
-        let old = self.get_mut(index)?.attributes.remove(&**key);
+        let name = self.keys[key.0 as usize].as_str();
+        let old = event_mut(&mut self.events, index)?.attributes.remove(name);
         let existed = old.is_some();
         if existed {
-            self.journal.push(Undo::Attribute(index, key.clone(), old));
+            self.journal.push(Undo::Attribute(index, key, old));
         }
         Ok(existed)
     }
 
     /// Moves attribute `key` to `new_key` when the event has `key`.
-    pub fn rename_attribute(&mut self, index: u32, key: &Arc<str>, new_key: &Arc<str>) -> Result<(), BatchError> {
-        self.charge(new_key.len())?;
-        let event = self.get_mut(index)?;
-        let Some(value) = event.attributes.remove(&**key) else { return Ok(()) };
-        let replaced = event.attributes.insert(new_key.to_string(), value);
-        self.journal.push(Undo::Renamed(index, key.clone(), new_key.clone(), replaced));
+    pub fn rename_attribute(&mut self, index: u32, key: KeyId, new_key: KeyId) -> Result<(), BatchError> {
+        let cost = self.keys[new_key.0 as usize].len();
+        self.charge(cost)?;
+        let (name, new_name) = (self.keys[key.0 as usize].as_str(), self.keys[new_key.0 as usize].as_str());
+        let event = event_mut(&mut self.events, index)?;
+        let Some(value) = event.attributes.remove(name) else { return Ok(()) };
+        let replaced = event.attributes.insert(new_name.to_string(), value);
+        self.journal.push(Undo::Renamed(index, key, new_key, replaced));
         Ok(())
     }
 
@@ -230,22 +248,23 @@ impl Batch {
     fn undo(&mut self, mut journal: Vec<Undo>) {
         while let Some(undo) = journal.pop() {
             let event = &mut self.events[undo.index() as usize];
+            let key = |id: KeyId| self.keys[id.0 as usize].as_str();
             match undo {
                 Undo::Name(_, old) => event.name = old,
                 Undo::Targets(_, old) => event.targets = old,
-                Undo::Attribute(_, key, Some(old)) => {
-                    event.attributes.insert(key.to_string(), old);
+                Undo::Attribute(_, name, Some(old)) => {
+                    event.attributes.insert(key(name).to_string(), old);
                 }
-                Undo::Attribute(_, key, None) => {
-                    event.attributes.remove(&*key);
+                Undo::Attribute(_, name, None) => {
+                    event.attributes.remove(key(name));
                 }
-                Undo::Renamed(_, key, new_key, replaced) => {
+                Undo::Renamed(_, name, new_name, replaced) => {
                     let value = match replaced {
-                        Some(replaced) => event.attributes.insert(new_key.to_string(), replaced),
-                        None => event.attributes.remove(&*new_key),
+                        Some(replaced) => event.attributes.insert(key(new_name).to_string(), replaced),
+                        None => event.attributes.remove(key(new_name)),
                     };
                     if let Some(value) = value {
-                        event.attributes.insert(key.to_string(), value);
+                        event.attributes.insert(key(name).to_string(), value);
                     }
                 }
                 Undo::Related(_, old) => event.related = old,
@@ -253,6 +272,11 @@ impl Batch {
             }
         }
     }
+}
+
+fn event_mut(events: &mut [Event], index: u32) -> Result<&mut Event, BatchError> {
+    let len = events.len();
+    events.get_mut(index as usize).ok_or(BatchError::OutOfRange { index, len })
 }
 
 fn approximate_size(event: &Event) -> usize {
@@ -281,9 +305,21 @@ mod tests {
         let before = vec![event("a"), event("b")];
         let mut batch = Batch::new(before.clone(), 1 << 20);
         batch.set_name(0, "renamed".into()).unwrap();
-        batch.set_attribute(0, &"env".into(), "test".into()).unwrap();
-        batch.set_attribute(1, &"new".into(), "x".into()).unwrap();
-        batch.remove_attribute(1, &"env".into()).unwrap();
+        {
+            let k = batch.key("env".into()).unwrap();
+            batch.set_attribute(0, k, "test".into())
+        }
+        .unwrap();
+        {
+            let k = batch.key("new".into()).unwrap();
+            batch.set_attribute(1, k, "x".into())
+        }
+        .unwrap();
+        {
+            let k = batch.key("env".into()).unwrap();
+            batch.remove_attribute(1, k)
+        }
+        .unwrap();
         batch.set_targets(1, vec![]).unwrap();
         batch.set_related(0, "thing-type".into(), Some("t".into())).unwrap();
         batch.set_document(0, Some("{}".into())).unwrap();
@@ -294,17 +330,44 @@ mod tests {
     #[test]
     fn commit_except_undoes_only_failed_events() {
         let mut batch = Batch::new(vec![event("a"), event("b")], 1 << 20);
-        batch.set_attribute(0, &"env".into(), "test".into()).unwrap();
-        batch.set_attribute(1, &"env".into(), "test".into()).unwrap();
+        {
+            let k = batch.key("env".into()).unwrap();
+            batch.set_attribute(0, k, "test".into())
+        }
+        .unwrap();
+        {
+            let k = batch.key("env".into()).unwrap();
+            batch.set_attribute(1, k, "test".into())
+        }
+        .unwrap();
         let events = batch.commit_except(&[1]);
         assert_eq!(events[0].attributes["env"], "test");
         assert_eq!(events[1].attributes["env"], "prod");
     }
 
     #[test]
+    fn a_write_to_many_events_rolls_back_per_event_even_with_repeats() {
+        let before = vec![event("a"), event("b")];
+        let mut batch = Batch::new(before.clone(), 1 << 20);
+        let key = batch.key("env".into()).unwrap();
+        for index in [0, 0, 1] {
+            batch.set_attribute(index, key, format!("v{index}")).unwrap();
+        }
+        let gone = batch.key("missing".into()).unwrap();
+        batch.remove_attribute(1, gone).unwrap();
+        let events = batch.commit_except(&[0]);
+        assert_eq!(events[0], before[0], "the failed event is as it came, repeats included");
+        assert_eq!(events[1].attributes["env"], "v1");
+    }
+
+    #[test]
     fn commit_keeps_changes() {
         let mut batch = Batch::new(vec![event("a")], 1 << 20);
-        batch.set_attribute(0, &"env".into(), "test".into()).unwrap();
+        {
+            let k = batch.key("env".into()).unwrap();
+            batch.set_attribute(0, k, "test".into())
+        }
+        .unwrap();
         let copy = batch.duplicate(0).unwrap();
         batch.set_name(copy, "b".into()).unwrap();
         let events = batch.commit_except(&[]);
@@ -323,8 +386,16 @@ mod tests {
         assert_eq!(batch.attribute_codes("env"), (vec!["prod".to_string(), "test".to_string()], vec![1, 1, 2]));
         assert_eq!(batch.attribute_codes("none"), (vec![], vec![0, 0, 0]));
         batch.events[2].attributes.insert("env".into(), "prod".into());
-        batch.rename_attribute(0, &"fw".into(), &"firmware".into()).unwrap();
-        batch.rename_attribute(1, &"fw".into(), &"firmware".into()).unwrap();
+        {
+            let (k, n) = (batch.key("fw".into()).unwrap(), batch.key("firmware".into()).unwrap());
+            batch.rename_attribute(0, k, n)
+        }
+        .unwrap();
+        {
+            let (k, n) = (batch.key("fw".into()).unwrap(), batch.key("firmware".into()).unwrap());
+            batch.rename_attribute(1, k, n)
+        }
+        .unwrap();
         assert_eq!(batch.events[0].attributes.get("firmware").map(String::as_str), Some("1.0"));
         assert!(!batch.events[0].attributes.contains_key("fw"));
         assert!(!batch.events[1].attributes.contains_key("firmware"));

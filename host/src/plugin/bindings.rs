@@ -122,10 +122,12 @@ impl iotdr::plugin::types::HostBatch for StoreState {
         if key.is_empty() {
             bail!("set-attribute: an attribute key cannot be empty");
         }
-        self.batch.set_attribute(index, &key.into(), value).map_err(trap)
+        let key = self.batch.key(key).map_err(trap)?;
+        self.batch.set_attribute(index, key, value).map_err(trap)
     }
     fn remove_attribute(&mut self, _: Resource<BatchHandle>, index: u32, key: String) -> wasmtime::Result<bool> {
-        self.batch.remove_attribute(index, &key.into()).map_err(trap)
+        let key = self.batch.key(key).map_err(trap)?;
+        self.batch.remove_attribute(index, key).map_err(trap)
     }
     fn related(&mut self, _: Resource<BatchHandle>, index: u32, kind: String) -> wasmtime::Result<Option<String>> {
         Ok(self.batch.get(index).map_err(trap)?.related(&kind).map(str::to_string))
@@ -196,9 +198,9 @@ impl iotdr::plugin::types::HostBatch for StoreState {
         if key.is_empty() {
             bail!("set-attribute-of: an attribute key cannot be empty");
         }
-        let key: Arc<str> = key.into();
+        let key = self.batch.key(key).map_err(trap)?;
         for index in indices {
-            self.batch.set_attribute(index, &key, value.clone()).map_err(trap)?;
+            self.batch.set_attribute(index, key, value.clone()).map_err(trap)?;
         }
         Ok(())
     }
@@ -209,9 +211,9 @@ impl iotdr::plugin::types::HostBatch for StoreState {
         key: String,
     ) -> wasmtime::Result<()> {
         check_indices("remove-attribute-of", &indices, self.batch.events.len())?;
-        let key: Arc<str> = key.into();
+        let key = self.batch.key(key).map_err(trap)?;
         for index in indices {
-            self.batch.remove_attribute(index, &key).map_err(trap)?;
+            self.batch.remove_attribute(index, key).map_err(trap)?;
         }
         Ok(())
     }
@@ -226,9 +228,9 @@ impl iotdr::plugin::types::HostBatch for StoreState {
         if new_key.is_empty() {
             bail!("rename-attribute-of: an attribute key cannot be empty");
         }
-        let (key, new_key): (Arc<str>, Arc<str>) = (key.into(), new_key.into());
+        let (key, new_key) = (self.batch.key(key).map_err(trap)?, self.batch.key(new_key).map_err(trap)?);
         for index in indices {
-            self.batch.rename_attribute(index, &key, &new_key).map_err(trap)?;
+            self.batch.rename_attribute(index, key, new_key).map_err(trap)?;
         }
         Ok(())
     }
