@@ -217,6 +217,20 @@ impl StageRunner {
         match self.call(events) {
             Ok(Called::AllKept(mut events)) if next.is_empty() => std::mem::swap(next, &mut events),
             Ok(Called::AllKept(mut events)) => next.append(&mut events),
+            Ok(Called::InPlace(events, outcomes, retry)) if retry.is_empty() => {
+                // Kept events go straight on; only the others become fates.
+                for (event, outcome) in events.into_iter().zip(outcomes) {
+                    match outcome {
+                        Outcome::Keep => next.push(event),
+                        other => others.push(fate_of(event, other)),
+                    }
+                }
+            }
+            Ok(Called::InPlace(events, outcomes, retry)) => {
+                for fate in self.retry_retryable((fates_of(events, outcomes), retry)) {
+                    pass(fate, next);
+                }
+            }
             Ok(Called::Decided(fates, retry)) => {
                 for fate in self.retry_retryable((fates, retry)) {
                     pass(fate, next);
@@ -239,6 +253,7 @@ impl StageRunner {
         }
         match self.call(events) {
             Ok(Called::AllKept(events)) => events.into_iter().map(Fate::Kept).collect(),
+            Ok(Called::InPlace(events, outcomes, retry)) => self.retry_retryable((fates_of(events, outcomes), retry)),
             Ok(Called::Decided(fates, retry)) => self.retry_retryable((fates, retry)),
             Err((events, reason)) => self.bisect(events, reason),
         }
@@ -272,6 +287,12 @@ impl StageRunner {
                 let Fate::Failed(event, _) = &fates[index] else { unreachable!("only failures are retryable") };
                 fates[index] = match self.call(vec![event.clone()]) {
                     Ok(Called::AllKept(mut one)) => Fate::Kept(one.pop().expect("one event")),
+                    Ok(Called::InPlace(one, outcomes, again)) => {
+                        if !again.is_empty() {
+                            still.push(index);
+                        }
+                        fates_of(one, outcomes).pop().expect("one fate")
+                    }
                     Ok(Called::Decided(mut one, again)) => {
                         if !again.is_empty() {
                             still.push(index);
@@ -331,16 +352,12 @@ impl StageRunner {
             .map(|(i, _)| i)
             .collect();
         let events = batch.commit_except(&failed);
-        let fate = |event: Event, outcome: Outcome| match outcome {
-            Outcome::Keep => Fate::Kept(event),
-            Outcome::Drop(reason) => Fate::Dropped(event, reason),
-            Outcome::Fail(error) => Fate::Failed(event, error.message),
-            Outcome::Split(_) => unreachable!("splits are handled apart"),
-        };
         if !outcomes.iter().any(|o| matches!(o, Outcome::Split(_))) {
-            // Each outcome is its own event's: no need to index (copies nobody named are discarded).
-            let fates = events.into_iter().zip(outcomes).map(|(event, outcome)| fate(event, outcome)).collect();
-            return Ok(Called::Decided(fates, retryable));
+            // Each outcome is its own event's: no need to index (copies nobody
+            // named are discarded), and the caller takes them as they are.
+            let mut events = events;
+            events.truncate(outcomes.len());
+            return Ok(Called::InPlace(events, outcomes, retryable));
         }
         let mut events: Vec<Option<Event>> = events.into_iter().map(Some).collect();
         let mut take = |index: u32| events[index as usize].take().expect("outcomes checked: each index once");
@@ -349,17 +366,33 @@ impl StageRunner {
             .enumerate()
             .map(|(index, outcome)| match outcome {
                 Outcome::Split(indices) => Fate::Split(indices.into_iter().map(&mut take).collect()),
-                other => fate(take(index as u32), other),
+                other => fate_of(take(index as u32), other),
             })
             .collect();
         Ok(Called::Decided(fates, retryable))
     }
 }
 
+/// The fate an outcome other than a split gives its event.
+fn fate_of(event: Event, outcome: Outcome) -> Fate {
+    match outcome {
+        Outcome::Keep => Fate::Kept(event),
+        Outcome::Drop(reason) => Fate::Dropped(event, reason),
+        Outcome::Fail(error) => Fate::Failed(event, error.message),
+        Outcome::Split(_) => unreachable!("splits are handled apart"),
+    }
+}
+
+fn fates_of(events: Vec<Event>, outcomes: Vec<Outcome>) -> Vec<Fate> {
+    events.into_iter().zip(outcomes).map(|(event, outcome)| fate_of(event, outcome)).collect()
+}
+
 /// What one `process` call decided.
 enum Called {
     /// Every event kept (the empty outcome list), as they are now.
     AllKept(Vec<Event>),
+    /// One outcome per event, none a split, and which are retryable failures.
+    InPlace(Vec<Event>, Vec<Outcome>, Vec<usize>),
     /// Per event its fate, and which of them are retryable failures.
     Decided(Vec<Fate>, Vec<usize>),
 }
