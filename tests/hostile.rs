@@ -208,6 +208,9 @@ fn on_error_skip_passes_the_event_on_unchanged() {
     assert!(processed.dead_letters.is_empty());
     let poison = processed.events.iter().find(|e| e.name == "poison").expect("the poison event went on");
     assert!(!poison.attributes.contains_key("touched-by-hostile"));
+    // In its place: a skipped event must not overtake or trail the others.
+    let order: Vec<&str> = processed.events.iter().map(|e| e.name.as_str()).collect();
+    assert_eq!(order, ["good-0", "good-1", "good-2", "poison", "good-3", "good-4", "good-5", "good-6"]);
 }
 
 #[test]

@@ -198,51 +198,38 @@ impl StageRunner {
         fates.into_iter().map(|fate| fate.or_else(|| results.next()).expect("one fate per wanted event")).collect()
     }
 
-    /// Like [`StageRunner::process`], for a pipeline: what passes is appended
-    /// to `next` in order, and only dropped and failed events come back as
-    /// fates. When the stage keeps every event, the batch moves on as it is.
+    /// Like [`StageRunner::process`], for a pipeline whose `next` batch is
+    /// still empty. In the common cases (every event kept, or some dropped and
+    /// the rest kept) the kept events go straight into `next` and only the
+    /// dropped ones come back as fates. Otherwise `next` is left alone and
+    /// every fate comes back in order, as `process` gives them: a failed event
+    /// a pipeline skips past must keep its place among the others.
     pub fn process_into(&mut self, events: Vec<Event>, next: &mut Vec<Event>) -> Vec<Fate> {
-        let mut others = Vec::new();
-        let mut pass = |fate: Fate, next: &mut Vec<Event>| match fate {
-            Fate::Kept(event) => next.push(event),
-            Fate::Split(events) => next.extend(events),
-            other => others.push(other),
-        };
+        debug_assert!(next.is_empty(), "the fast path hands the batch on whole");
         if events.is_empty() || !events.iter().all(|e| self.wants[e.entity as usize]) {
-            for fate in self.process(events) {
-                pass(fate, next);
-            }
-            return others;
+            return self.process(events);
         }
         match self.call(events) {
-            Ok(Called::AllKept(mut events)) if next.is_empty() => std::mem::swap(next, &mut events),
-            Ok(Called::AllKept(mut events)) => next.append(&mut events),
-            Ok(Called::InPlace(events, outcomes, retry)) if retry.is_empty() => {
-                // Kept events go straight on; only the others become fates.
+            Ok(Called::AllKept(events)) => {
+                *next = events;
+                Vec::new()
+            }
+            Ok(Called::InPlace(events, outcomes, retry))
+                if retry.is_empty() && !outcomes.iter().any(|o| matches!(o, Outcome::Fail(_))) =>
+            {
+                let mut dropped = Vec::new();
                 for (event, outcome) in events.into_iter().zip(outcomes) {
                     match outcome {
                         Outcome::Keep => next.push(event),
-                        other => others.push(fate_of(event, other)),
+                        other => dropped.push(fate_of(event, other)),
                     }
                 }
+                dropped
             }
-            Ok(Called::InPlace(events, outcomes, retry)) => {
-                for fate in self.retry_retryable((fates_of(events, outcomes), retry)) {
-                    pass(fate, next);
-                }
-            }
-            Ok(Called::Decided(fates, retry)) => {
-                for fate in self.retry_retryable((fates, retry)) {
-                    pass(fate, next);
-                }
-            }
-            Err((events, reason)) => {
-                for fate in self.bisect(events, reason) {
-                    pass(fate, next);
-                }
-            }
+            Ok(Called::InPlace(events, outcomes, retry)) => self.retry_retryable((fates_of(events, outcomes), retry)),
+            Ok(Called::Decided(fates, retry)) => self.retry_retryable((fates, retry)),
+            Err((events, reason)) => self.bisect(events, reason),
         }
-        others
     }
 
     /// Runs a batch; if the call fails as a whole, splits the batch in halves
