@@ -142,18 +142,11 @@ fn run_refuses_a_source_it_cannot_read_yet() {
 fn plugin_test_prints_an_outcome_per_event_and_fails_on_failures() {
     let root = common::root();
     let filter = common::plugin("attribute-filter");
-    let out = iotdr(
-        &[
-            "plugin",
-            "test",
-            filter.to_str().unwrap(),
-            "--events",
-            "examples/events/demo.jsonl",
-            "--config",
-            r#"{"attribute":"env","drop_values":["test"]}"#,
-        ],
-        &root,
-    );
+    let filter_demo_events = |config: &str| {
+        let args = ["plugin", "test", filter.to_str().unwrap(), "--events", "examples/events/demo.jsonl"];
+        iotdr(&[&args[..], &["--config", config]].concat(), &root)
+    };
+    let out = filter_demo_events(r#"{"attribute":"env","drop_values":["test"]}"#);
     assert!(out.status.success(), "{}", text(&out.stderr));
     let lines: Vec<Value> = text(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     let records = std::fs::read_to_string(root.join("examples/events/demo.jsonl")).unwrap();
@@ -165,18 +158,7 @@ fn plugin_test_prints_an_outcome_per_event_and_fails_on_failures() {
     assert!(lines.iter().all(|l| l["outcome"] == "keep" || l["outcome"] == "drop"));
 
     // A bad config is refused before any event flows.
-    let out = iotdr(
-        &[
-            "plugin",
-            "test",
-            filter.to_str().unwrap(),
-            "--events",
-            "examples/events/demo.jsonl",
-            "--config",
-            "{\"x\":1}",
-        ],
-        &root,
-    );
+    let out = filter_demo_events("{\"x\":1}");
     assert_eq!(out.status.code(), Some(1));
     assert!(text(&out.stderr).contains("unknown field `x`"), "{}", text(&out.stderr));
 
@@ -210,48 +192,26 @@ fn plugin_test_prints_an_outcome_per_event_and_fails_on_failures() {
 
 #[test]
 fn a_halted_run_keeps_the_dead_letters_its_batch_made_before_once() {
-    let dir = tempfile::tempdir().unwrap();
     let shadow = |thing: &str| {
         serde_json::json!({ "topic": format!("$aws/things/{thing}/shadow/update/accepted"),
                             "payload": { "state": { "reported": { "on": true } }, "version": 1 } })
         .to_string()
     };
-    std::fs::write(dir.path().join("events.jsonl"), format!("{{not json\n{}\n{}\n", shadow("fine"), shadow("poison")))
-        .unwrap();
-    let pipeline = dir.path().join("pipeline.toml");
-    std::fs::write(
-        &pipeline,
-        format!(
-            r#"
-[pipeline]
-name = "halts"
-source_region = "us-east-1"
-targets = ["eu-west-1"]
-[regions.us-east-1]
-endpoint_url = "http://127.0.0.1:9"
-[regions.eu-west-1]
-endpoint_url = "http://127.0.0.1:9"
-[source]
-kind = "file"
-path = "events.jsonl"
-[[stage]]
-name = "trap-on-poison"
-plugin = "{}"
-config = {{ trap_on = "poison" }}
-on_error = "halt"
-"#,
-            common::test_plugin("hostile").display()
-        ),
-    )
-    .unwrap();
+    let events = ["{not json".to_string(), shadow("fine"), shadow("poison")];
+    let stage =
+        common::runner::stage("trap-on-poison", &common::test_plugin("hostile"), r#"{ trap_on = "poison" }"#, "halt");
+    // Both regions are down: nothing gets as far as them.
+    let down = "http://127.0.0.1:9";
+    let test = common::runner::Run::new("us-east-1", down, "eu-west-1", down, &events, &stage);
+    let (dir, pipeline) = (test.dir.path(), &test.pipeline);
     // Twice: the file is read from its start again, and the same failure is
     // one letter, not two.
     for _ in 0..2 {
-        let out = iotdr(&["run", pipeline.to_str().unwrap(), "--until-idle"], dir.path());
+        let out = iotdr(&["run", pipeline.to_str().unwrap(), "--until-idle"], dir);
         assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
         assert!(text(&out.stderr).contains("its on_error is halt"), "{}", text(&out.stderr));
     }
-    let listed = iotdr(&["dead-letters", "list", pipeline.to_str().unwrap()], dir.path());
+    let listed = iotdr(&["dead-letters", "list", pipeline.to_str().unwrap()], dir);
     let letters: Vec<Value> = text(&listed.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     assert_eq!(letters.len(), 1, "{letters:?}");
     assert_eq!((letters[0]["stage"].as_str(), letters[0]["origin"].as_str()), (Some("decode"), Some("events.jsonl:1")));

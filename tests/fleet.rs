@@ -267,10 +267,11 @@ async fn letters_that_never_reached_the_source_fetch_it_on_replay() {
 async fn renamed_policies_stay_attached_to_their_certificates() {
     let moto = Moto::start();
     let id = certificate_with_policy(&moto).await;
-    // `extra` ends the [apply] table: a stage can follow it.
-    let stage = format!(
-        "\n[[stage]]\nname = \"policies-for-target\"\nplugin = \"{}\"\nconfig = {{ name_template = \"{{name}}-{{region}}\" }}\n",
-        common::root().join("plugins/dist/policy-mapper.wasm").display()
+    let stage = common::runner::stage(
+        "policies-for-target",
+        &common::root().join("plugins/dist/policy-mapper.wasm"),
+        r#"{ name_template = "{name}-{region}" }"#,
+        "dead-letter",
     );
     let test = Run::new(SOURCE, &moto.url, TARGET, &moto.url, &[certificate_created(&id)], &stage);
     let summary = test.run(&moto);

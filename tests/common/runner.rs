@@ -73,6 +73,15 @@ impl Run {
     }
 }
 
+/// A `[[stage]]` table, to pass as [`Run::new`]'s `extra`: it follows the
+/// `[apply]` keys, so it ends that table.
+pub fn stage(name: &str, plugin: &Path, config: &str, on_error: &str) -> String {
+    format!(
+        "\n[[stage]]\nname = \"{name}\"\nplugin = \"{}\"\nconfig = {config}\non_error = \"{on_error}\"\n",
+        plugin.display()
+    )
+}
+
 pub fn iotdr(moto: &Moto, dir: &Path, args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_iotdr"))
         .args(args)

@@ -226,8 +226,7 @@ impl StageRunner {
                 }
                 dropped
             }
-            Ok(Called::InPlace(events, outcomes, retry)) => self.retry_retryable((fates_of(events, outcomes), retry)),
-            Ok(Called::Decided(fates, retry)) => self.retry_retryable((fates, retry)),
+            Ok(called) => self.retry_retryable(called.into_fates()),
             Err((events, reason)) => self.bisect(events, reason),
         }
     }
@@ -239,9 +238,7 @@ impl StageRunner {
             return Vec::new();
         }
         match self.call(events) {
-            Ok(Called::AllKept(events)) => events.into_iter().map(Fate::Kept).collect(),
-            Ok(Called::InPlace(events, outcomes, retry)) => self.retry_retryable((fates_of(events, outcomes), retry)),
-            Ok(Called::Decided(fates, retry)) => self.retry_retryable((fates, retry)),
+            Ok(called) => self.retry_retryable(called.into_fates()),
             Err((events, reason)) => self.bisect(events, reason),
         }
     }
@@ -273,14 +270,8 @@ impl StageRunner {
             for index in retry {
                 let Fate::Failed(event, _) = &fates[index] else { unreachable!("only failures are retryable") };
                 fates[index] = match self.call(vec![event.clone()]) {
-                    Ok(Called::AllKept(mut one)) => Fate::Kept(one.pop().expect("one event")),
-                    Ok(Called::InPlace(one, outcomes, again)) => {
-                        if !again.is_empty() {
-                            still.push(index);
-                        }
-                        fates_of(one, outcomes).pop().expect("one fate")
-                    }
-                    Ok(Called::Decided(mut one, again)) => {
+                    Ok(called) => {
+                        let (mut one, again) = called.into_fates();
                         if !again.is_empty() {
                             still.push(index);
                         }
@@ -370,10 +361,6 @@ fn fate_of(event: Event, outcome: Outcome) -> Fate {
     }
 }
 
-fn fates_of(events: Vec<Event>, outcomes: Vec<Outcome>) -> Vec<Fate> {
-    events.into_iter().zip(outcomes).map(|(event, outcome)| fate_of(event, outcome)).collect()
-}
-
 /// What one `process` call decided.
 enum Called {
     /// Every event kept (the empty outcome list), as they are now.
@@ -382,6 +369,19 @@ enum Called {
     InPlace(Vec<Event>, Vec<Outcome>, Vec<usize>),
     /// Per event its fate, and which of them are retryable failures.
     Decided(Vec<Fate>, Vec<usize>),
+}
+
+impl Called {
+    /// One fate per event, in order, and the positions of retryable failures.
+    fn into_fates(self) -> (Vec<Fate>, Vec<usize>) {
+        match self {
+            Called::AllKept(events) => (events.into_iter().map(Fate::Kept).collect(), Vec::new()),
+            Called::InPlace(events, outcomes, retry) => {
+                (events.into_iter().zip(outcomes).map(|(event, outcome)| fate_of(event, outcome)).collect(), retry)
+            }
+            Called::Decided(fates, retry) => (fates, retry),
+        }
+    }
 }
 
 /// Or, when the call failed as a whole, the events as they went in and why.
