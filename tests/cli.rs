@@ -214,5 +214,5 @@ fn a_halted_run_keeps_the_dead_letters_its_batch_made_before_once() {
     let listed = iotdr(&["dead-letters", "list", pipeline.to_str().unwrap()], dir);
     let letters: Vec<Value> = text(&listed.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     assert_eq!(letters.len(), 1, "{letters:?}");
-    assert_eq!((letters[0]["stage"].as_str(), letters[0]["origin"].as_str()), (Some("decode"), Some("events.jsonl:1")));
+    assert_eq!((letters[0]["step"].as_str(), letters[0]["origin"].as_str()), (Some("decode"), Some("events.jsonl:1")));
 }

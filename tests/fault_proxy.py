@@ -6,6 +6,13 @@ it instead: a 429 ThrottlingException, a 500 or 503, a slow answer, or a
 dropped connection (before forwarding, or after, so the change is made but
 the answer is lost). Prints its own address on stdout once listening, then
 serves until killed. Only the standard library; loopback only.
+
+Bursts, as real outages come: `--burst throttle:223` fails the next 223
+requests in a row that way (any fault name, or `permanent` for a 400
+InvalidRequestException that no retry cures). A test changes the faults while
+it runs with `POST /__faults` and a JSON body of any of `{"rate": 0.1,
+"burst": ["error503", 40], "mode": "permanent"}` (`mode` fails every request
+until set to null); `GET /__faults` returns the counts of what was injected.
 """
 import argparse
 import http.client
@@ -58,13 +65,41 @@ class Proxy(http.server.BaseHTTPRequestHandler):
         except OSError:
             pass
 
+    def control(self, body):
+        server = self.server
+        with server.lock:
+            if self.command == "POST":
+                change = json.loads(body or b"{}")
+                if "rate" in change:
+                    server.rate = float(change["rate"])
+                if "burst" in change:
+                    fault, count = change["burst"]
+                    server.burst = [fault, int(count)]
+                if "mode" in change:
+                    server.mode = change["mode"]
+            data = json.dumps(server.counts).encode()
+        self.reply(200, [("Content-Type", "application/json")], data)
+
+    def next_fault(self):
+        server = self.server
+        if server.mode:
+            return server.mode
+        if server.burst and server.burst[1] > 0:
+            server.burst[1] -= 1
+            return server.burst[0]
+        return server.random.choice(FAULTS) if server.random.random() < server.rate else None
+
     def handle_any(self):
         length = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(length) if length else None
+        if self.path.startswith("/__faults"):
+            return self.control(body)
         server = self.server
         with server.lock:
-            fault = server.random.choice(FAULTS) if server.random.random() < server.rate else None
+            fault = self.next_fault()
             server.counts[fault or "forwarded"] = server.counts.get(fault or "forwarded", 0) + 1
+        if fault == "permanent":
+            return self.aws_error(400, "InvalidRequestException", "injected permanent failure")
         if fault == "throttle":
             return self.aws_error(429, "ThrottlingException", "Rate exceeded (injected)")
         if fault == "error500":
@@ -92,6 +127,7 @@ def main():
     parser.add_argument("--upstream", required=True)
     parser.add_argument("--rate", type=float, default=0.3)
     parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--burst", default=None, help="FAULT:COUNT, the next COUNT requests fail so")
     args = parser.parse_args()
     upstream = urllib.parse.urlparse(args.upstream)
     if upstream.hostname not in ("127.0.0.1", "localhost"):
@@ -99,6 +135,11 @@ def main():
     server = Server(("127.0.0.1", 0), Proxy)
     server.upstream, server.rate = upstream, args.rate
     server.random, server.lock, server.counts = random.Random(args.seed), threading.Lock(), {}
+    server.mode = None
+    server.burst = None
+    if args.burst:
+        fault, count = args.burst.rsplit(":", 1)
+        server.burst = [fault, int(count)]
     print(f"http://127.0.0.1:{server.server_address[1]}", flush=True)
     try:
         server.serve_forever()

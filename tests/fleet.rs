@@ -64,7 +64,9 @@ async fn a_generated_fleet_arrives_field_by_field() {
     assert_eq!(again["run"]["dead_letters"], 0, "{again}");
     assert_eq!(region_state(&moto, TARGET).await, target, "a replay changes nothing");
     let shadow_updates = fleet.events.iter().filter(|e| e.contains("/shadow/")).count();
-    assert_eq!(again["run"]["stale"], shadow_updates, "shadow updates already applied are skipped: {again}");
+    // Stale: every shadow update (already applied), and every change older
+    // than its entity's newest (a thing's creation before its update, ...).
+    assert!(again["run"]["stale"].as_u64().unwrap() > shadow_updates as u64, "{again}");
     assert!(summary["calls_per_change"].as_f64().unwrap() <= 1.2, "{summary}");
 }
 
@@ -73,7 +75,7 @@ async fn thirty_percent_of_calls_failing_loses_nothing() {
     let moto = Moto::start();
     let fleet = seed(&moto, SOURCE, THINGS).await;
     let proxy = FaultProxy::start(&moto.url, 0.3);
-    let test = Run::new(SOURCE, &moto.url, TARGET, &proxy.url, &fleet.events, "max_attempts = 12");
+    let test = Run::new(SOURCE, &moto.url, TARGET, &proxy.url, &fleet.events, "");
     let summary = test.run(&moto);
     assert_eq!(summary["run"]["dead_letters"], 0, "{summary} {:?}", test.dead_letters(&moto));
     let failures = summary["requests"]["throttled"].as_u64().unwrap()
@@ -86,7 +88,7 @@ async fn thirty_percent_of_calls_failing_loses_nothing() {
 }
 
 #[tokio::test]
-async fn a_jitr_certificate_arrives_pending_with_the_named_policy() {
+async fn a_jitr_certificate_activated_since_its_event_arrives_active_with_the_named_policy() {
     let moto = Moto::start();
     let iot = moto.iot(SOURCE).await;
     iot.create_policy()
@@ -95,9 +97,12 @@ async fn a_jitr_certificate_arrives_pending_with_the_named_policy() {
         .send()
         .await
         .unwrap();
-    // JITR: the device's certificate was registered under a CA; AWS publishes this event.
+    // JITR: the device's certificate was registered under a CA; AWS publishes
+    // this event with PENDING_ACTIVATION, and none when the certificate is
+    // activated a moment later (by a Lambda, as JITR setups do).
     let created = iot.create_keys_and_certificate().send().await.unwrap();
     let id = created.certificate_id.unwrap();
+    iot.update_certificate().certificate_id(&id).new_status(CertificateStatus::Active).send().await.unwrap();
     let event = json!({
         "topic": format!("$aws/events/certificates/registered/{}", "ca0".repeat(21) + "c"),
         "payload": { "certificateId": id, "caCertificateId": "ca0".repeat(21) + "c", "timestamp": 1_764_000_000_000u64,
@@ -109,8 +114,30 @@ async fn a_jitr_certificate_arrives_pending_with_the_named_policy() {
     let summary = test.run(&moto);
     assert_eq!(summary["run"]["dead_letters"], 0, "{summary} {:?}", test.dead_letters(&moto));
     let target = region_state(&moto, TARGET).await;
-    assert_eq!(target["certificates"][&id], json!({ "status": "PENDING_ACTIVATION", "policies": ["jitr-policy"] }));
+    // What the source says when it is read is newer than the event.
+    assert_eq!(target["certificates"][&id], json!({ "status": "ACTIVE", "policies": ["jitr-policy"] }));
     assert_eq!(target["policies"]["jitr-policy"]["versions"], 1);
+}
+
+#[tokio::test]
+async fn bursts_of_throttling_in_the_source_and_5xx_in_the_target_make_no_dead_letter() {
+    let moto = Moto::start();
+    let fleet = seed(&moto, SOURCE, THINGS).await;
+    // What AWS IoT answers while an account is over its quota: every request
+    // in a row, not a random few.
+    let source = FaultProxy::burst(&moto.url, "throttle", 223);
+    let target = FaultProxy::burst(&moto.url, "error503", 80);
+    // The buckets slow down to a tenth of their rate at most: at AWS's
+    // default read rates (20/s) 223 answers in a row would take minutes to
+    // ride out, which is right against AWS and too long for a test.
+    let test = Run::new(SOURCE, &source.url, TARGET, &target.url, &fleet.events, r#"rate_limits = { "*" = 200 }"#);
+    let summary = test.run(&moto);
+    assert_eq!(summary["run"]["dead_letters"], 0, "{summary} {:?}", test.dead_letters(&moto));
+    assert_eq!(source.counts()["throttle"], 223, "the source burst was served whole");
+    assert_eq!(target.counts()["error503"], 80, "the target burst was served whole");
+    let source_state = without_shadow_versions(region_state(&moto, SOURCE).await);
+    let target_state = without_shadow_versions(region_state(&moto, TARGET).await);
+    assert_same(&source_state, &target_state);
 }
 
 #[tokio::test]
@@ -221,11 +248,11 @@ async fn dead_letters_replay_during_a_source_outage() {
     let id = certificate_with_policy(&moto).await;
     // The target is down: the certificate and its policy, completed from the
     // source at ingest, become dead letters at apply.
-    let test = Run::new(SOURCE, &moto.url, TARGET, DOWN, &[certificate_created(&id)], "max_attempts = 2");
+    let test = Run::new(SOURCE, &moto.url, TARGET, DOWN, &[certificate_created(&id)], "retry_deadline_ms = 300");
     let summary = test.run(&moto);
     assert_eq!(summary["run"]["dead_letters"], 2, "{summary}");
     let letters = test.dead_letters(&moto);
-    assert!(letters.iter().all(|l| l["stage"] == "apply"), "{letters:?}");
+    assert!(letters.iter().all(|l| l["step"] == "apply"), "{letters:?}");
     assert!(!format!("{letters:?}").contains("-----BEGIN"), "dead-letters list never shows a PEM");
 
     // Now the source is down and the target back: the letters alone suffice.
@@ -244,10 +271,10 @@ async fn dead_letters_replay_during_a_source_outage() {
 async fn letters_that_never_reached_the_source_fetch_it_on_replay() {
     let moto = Moto::start();
     let id = certificate_with_policy(&moto).await;
-    let test = Run::new(SOURCE, DOWN, TARGET, &moto.url, &[certificate_created(&id)], "max_attempts = 2");
+    let test = Run::new(SOURCE, DOWN, TARGET, &moto.url, &[certificate_created(&id)], "retry_deadline_ms = 300");
     let summary = test.run(&moto);
     assert_eq!(summary["run"]["dead_letters"], 1, "{summary}");
-    assert_eq!(test.dead_letters(&moto)[0]["stage"], "fetch");
+    assert_eq!(test.dead_letters(&moto)[0]["step"], "fetch");
 
     // Still down: the letter stays, and replay says so (exit 3).
     let replay =
@@ -279,4 +306,84 @@ async fn renamed_policies_stay_attached_to_their_certificates() {
     let target = region_state(&moto, TARGET).await;
     assert_eq!(target["certificates"][&id], json!({ "status": "ACTIVE", "policies": ["device-eu-west-1"] }));
     assert_eq!(target["policies"].as_object().unwrap().keys().collect::<Vec<_>>(), ["device-eu-west-1"]);
+}
+
+fn registry(topic: &str, payload: Value) -> String {
+    json!({ "topic": topic, "payload": payload }).to_string()
+}
+
+fn thing_record(operation: &str, name: &str, attributes: Value, at: u64) -> String {
+    registry(
+        &format!("$aws/events/thing/{name}/{operation}"),
+        json!({ "eventType": "THING_EVENT", "operation": operation.to_uppercase(), "accountId": "123456789012",
+                "thingName": name, "attributes": attributes, "timestamp": at,
+                "eventId": format!("{name}-{operation}-{at}") }),
+    )
+}
+
+fn membership_record(operation: &str, thing: &str, group: &str, at: u64) -> String {
+    registry(
+        &format!("$aws/events/thingGroupMembership/thingGroup/{group}/thing/{thing}/{operation}"),
+        json!({ "eventType": "THING_GROUP_MEMBERSHIP_EVENT", "operation": operation.to_uppercase(),
+                "accountId": "123456789012", "timestamp": at,
+                "groupArn": format!("arn:aws:iot:us-east-1:123456789012:thinggroup/{group}"),
+                "thingArn": format!("arn:aws:iot:us-east-1:123456789012:thing/{thing}"),
+                "membershipId": format!("{thing}-{group}"), "eventId": format!("{thing}-{group}-{operation}-{at}") }),
+    )
+}
+
+/// A burst of permanent errors dead-letters a fleet's first changes; the
+/// later changes of the same things are applied; then the letters are
+/// replayed. Source order per entity must hold: nothing deleted comes back,
+/// no removed attribute or membership returns.
+#[tokio::test]
+async fn replayed_dead_letters_never_roll_an_entity_back() {
+    let moto = Moto::start();
+    let at = 1_764_000_000_000u64;
+    let mut first = vec![registry(
+        "$aws/events/thingGroup/fleet/created",
+        json!({ "eventType": "THING_GROUP_EVENT", "operation": "CREATED", "accountId": "123456789012",
+                "thingGroupName": "fleet", "timestamp": at, "eventId": "fleet-created" }),
+    )];
+    let mut later = Vec::new();
+    for i in 0..12u64 {
+        let name = format!("dev-{i:02}");
+        first.push(thing_record("created", &name, json!({ "v": "1", "gone": "soon" }), at + 10 + i));
+        first.push(membership_record("added", &name, "fleet", at + 30 + i));
+        if i % 2 == 0 {
+            later.push(thing_record("updated", &name, json!({ "v": "2" }), at + 100 + i));
+            later.push(membership_record("removed", &name, "fleet", at + 120 + i));
+        } else {
+            later.push(thing_record("deleted", &name, json!({}), at + 140 + i));
+        }
+    }
+    let target = FaultProxy::start(&moto.url, 0.0);
+    target.set(json!({ "mode": "permanent" }));
+    let test = Run::new(SOURCE, &moto.url, TARGET, &target.url, &first, "");
+    let summary = test.run(&moto);
+    assert_eq!(summary["run"]["dead_letters"], first.len(), "{summary}");
+
+    // The target recovers; the same things change again in the source.
+    target.set(json!({ "mode": null }));
+    test.read_next("later.jsonl", &later);
+    let summary = test.run(&moto);
+    assert_eq!(summary["run"]["dead_letters"], 0, "{summary} {:?}", test.dead_letters(&moto));
+    let expected = region_state(&moto, TARGET).await;
+    let things = expected["things"].as_object().unwrap();
+    assert_eq!(things.len(), 6, "the even things were updated, the odd ones deleted: {expected}");
+    assert_eq!(things["dev-00"]["attributes"], json!({ "v": "2" }));
+
+    // Now the old letters: all go (the group's creation is still news), and
+    // none of the older changes overwrites a newer one.
+    let report = test.replay(&moto, 0);
+    assert_eq!(report["still_failing"], 0, "{report}");
+    assert_eq!(report["replayed"], first.len(), "{report}");
+    assert_eq!(report["summary"]["stale"], first.len() - 1, "every change but the group's is older: {report}");
+    let after = region_state(&moto, TARGET).await;
+    assert!(after["groups"].get("fleet").is_some(), "{after}");
+    assert_eq!(after["things"], expected["things"], "no entity went back in its history");
+    for thing in after["things"].as_object().unwrap().values() {
+        assert_eq!(thing["groups"], json!([]), "memberships removed later stay removed: {thing}");
+    }
+    assert!(test.dead_letters(&moto).is_empty());
 }

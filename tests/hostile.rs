@@ -194,7 +194,7 @@ fn on_error_dead_letter_keeps_the_rest_of_the_batch_going() {
     assert_eq!(processed.events.len(), 7);
     assert_eq!(processed.dead_letters.len(), 1);
     let letter = &processed.dead_letters[0];
-    assert_eq!(letter.stage, "trap-on-poison");
+    assert_eq!(letter.step, iotdr::state::Step::Stage("trap-on-poison".into()));
     assert!(letter.reason.contains("trapped"), "{}", letter.reason);
     assert_eq!(letter.event.as_ref().map(|e| e.name.as_str()), Some("poison"));
 }

@@ -101,8 +101,9 @@ pub struct Apply {
     pub global_registry_region: Option<String>,
     /// Changes applied at once per batch (different keys only; one key is always sequential).
     pub concurrency: usize,
-    /// Attempts per API call on throttling and transient failures, the first included.
-    pub max_attempts: u32,
+    /// How long an API call is retried on throttling and transient failures
+    /// (5xx, timeouts, unreachable endpoints) before its change fails.
+    pub retry_deadline: Duration,
     pub initial_backoff: Duration,
     pub max_backoff: Duration,
     /// Requests per second per region, by AWS operation name, over the built-in defaults.
@@ -121,7 +122,7 @@ impl Default for Apply {
             global_registry_table: None,
             global_registry_region: None,
             concurrency: 16,
-            max_attempts: 8,
+            retry_deadline: Duration::from_secs(6 * 3600),
             initial_backoff: Duration::from_millis(100),
             max_backoff: Duration::from_secs(20),
             rate_limits: BTreeMap::new(),
@@ -207,7 +208,9 @@ struct RawApply {
     global_registry_table: Option<String>,
     global_registry_region: Option<Spanned<String>>,
     concurrency: Option<Spanned<i64>>,
+    /// Replaced by `retry_deadline_ms`; read only to say so.
     max_attempts: Option<Spanned<i64>>,
+    retry_deadline_ms: Option<Spanned<i64>>,
     initial_backoff_ms: Option<Spanned<i64>>,
     max_backoff_ms: Option<Spanned<i64>>,
     #[serde(default)]
@@ -384,6 +387,14 @@ fn apply_settings(
         }
     };
     let millis = |ms: i64| Duration::from_millis(ms as u64);
+    if let Some(attempts) = &raw.max_attempts {
+        return Err(at(
+            attempts.span(),
+            "apply.max_attempts is gone: throttling and transient failures are retried until \
+             apply.retry_deadline_ms (default 6 hours) instead of a number of attempts"
+                .into(),
+        ));
+    }
     let mut rate_limits = BTreeMap::new();
     for (operation, rate) in raw.rate_limits {
         let name = operation.get_ref();
@@ -409,7 +420,8 @@ fn apply_settings(
             None => None,
         },
         concurrency: bounded(&raw.concurrency, "concurrency", 1..1025)?.map_or(defaults.concurrency, |n| n as usize),
-        max_attempts: bounded(&raw.max_attempts, "max_attempts", 1..101)?.map_or(defaults.max_attempts, |n| n as u32),
+        retry_deadline: bounded(&raw.retry_deadline_ms, "retry_deadline_ms", 1..604_800_001)?
+            .map_or(defaults.retry_deadline, millis),
         initial_backoff: bounded(&raw.initial_backoff_ms, "initial_backoff_ms", 1..600_001)?
             .map_or(defaults.initial_backoff, millis),
         max_backoff: bounded(&raw.max_backoff_ms, "max_backoff_ms", 1..3_600_001)?.map_or(defaults.max_backoff, millis),
@@ -554,6 +566,22 @@ mod tests {
             (5, "environment variable NOPE is not set".into())
         );
         assert!(interpolate("a = \"${", &env).is_err());
+    }
+
+    #[test]
+    fn retries_have_a_deadline_not_a_count() {
+        let file = |apply: &str| {
+            format!(
+                "[pipeline]\nname = \"p\"\nsource_region = \"us-east-1\"\ntargets = [\"eu-west-1\"]\n[source]\nkind = \"scan\"\n[apply]\n{apply}\n"
+            )
+        };
+        let parse = |apply: &str| Pipeline::parse(Path::new("p.toml"), &file(apply), &|_| None);
+        assert_eq!(parse("").unwrap().apply.retry_deadline, Duration::from_secs(6 * 3600));
+        assert_eq!(parse("retry_deadline_ms = 1500").unwrap().apply.retry_deadline, Duration::from_millis(1500));
+        let error = parse("max_attempts = 8").unwrap_err();
+        assert_eq!(error.line, 8, "{error}");
+        assert!(error.message.contains("retry_deadline_ms"), "{error}");
+        assert!(parse("retry_deadline_ms = 0").is_err());
     }
 
     #[test]

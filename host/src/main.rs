@@ -302,7 +302,9 @@ fn dead_letters(command: DeadLetterCommand, cache_dir: Option<PathBuf>) -> Resul
                     Err(reason) => {
                         let letters = events
                             .into_iter()
-                            .map(|event| iotdr::state::DeadLetter::for_event("fetch", reason.clone(), event))
+                            .map(|event| {
+                                iotdr::state::DeadLetter::for_event(iotdr::state::Step::Fetch, reason.clone(), event)
+                            })
                             .collect();
                         (Vec::new(), letters)
                     }

@@ -4,7 +4,7 @@
 use crate::config::{self, OnError};
 use crate::event::Event;
 use crate::plugin::{Fate, LoadError, PluginEngine, StageRunner, StartError};
-use crate::state::DeadLetter;
+use crate::state::{DeadLetter, Step};
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -125,7 +125,11 @@ impl Pipeline {
                     Fate::Failed(event, reason) => match stage.on_error {
                         OnError::DeadLetter => {
                             tracing::warn!(stage = stage.runner.name(), event = %event.id, "dead-lettered: {reason}");
-                            processed.dead_letters.push(DeadLetter::for_event(stage.runner.name(), reason, event));
+                            processed.dead_letters.push(DeadLetter::for_event(
+                                Step::Stage(stage.runner.name().to_string()),
+                                reason,
+                                event,
+                            ));
                         }
                         OnError::Skip => {
                             tracing::warn!(stage = stage.runner.name(), event = %event.id, "stage skipped for this event: {reason}");

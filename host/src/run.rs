@@ -8,7 +8,7 @@ use crate::pipeline::{Halted, Pipeline};
 use crate::plan::plan;
 use crate::sink::{Job, JobResult, Sink, SinkError};
 use crate::source::FileSource;
-use crate::state::{DeadLetter, StateStore};
+use crate::state::{DeadLetter, StateStore, Step};
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -41,7 +41,7 @@ pub struct Summary {
     /// Events of entities `apply.replicate` leaves out.
     pub not_replicated: u64,
     pub skipped_stages: u64,
-    /// Changes older than what the target already had (shadow versions): skipped.
+    /// Changes older than what the target already had (the ledger): skipped.
     pub stale: u64,
     pub dead_letters: u64,
 }
@@ -153,13 +153,13 @@ pub fn apply_events(
             if !config.targets.contains(region) {
                 let reason =
                     format!("target {region} is not one of the pipeline's targets ({})", config.targets.join(", "));
-                dead.push(DeadLetter::for_event("plan", reason, for_region(&event, region)));
+                dead.push(DeadLetter::for_event(Step::Plan, reason, for_region(&event, region)));
                 continue;
             }
             match plan(&event, region) {
                 Ok(calls) => jobs.push(Job { event: event.clone(), region: region.clone(), calls }),
                 Err(e) => {
-                    dead.push(DeadLetter::for_event("plan", format!("{region}: {e}"), for_region(&event, region)))
+                    dead.push(DeadLetter::for_event(Step::Plan, format!("{region}: {e}"), for_region(&event, region)))
                 }
             }
         }
@@ -180,7 +180,7 @@ pub fn apply_events(
                 let mut event = job.event;
                 // A replay retries this region only; the others have it.
                 event.targets = vec![job.region.clone()];
-                dead.push(DeadLetter::for_event("apply", format!("{}: {reason}", job.region), event));
+                dead.push(DeadLetter::for_event(Step::Apply, format!("{}: {reason}", job.region), event));
             }
         }
     }
@@ -222,14 +222,14 @@ pub fn replay(
         }
         let letter = &stored.letter;
         // (first stage, event, whether it still needs what the source adds at ingest)
-        let entry = match (letter.stage.as_str(), &letter.event, &letter.record) {
-            ("decode", _, Some(record)) => match decode_line(record, &config.source_region) {
+        let entry = match (&letter.step, &letter.event, &letter.record) {
+            (Step::Decode, _, Some(record)) => match decode_line(record, &config.source_region) {
                 Ok(event) => Ok((0, event, true)),
                 Err(e) => Err(e.to_string()),
             },
-            ("fetch", Some(event), _) => Ok((0, event.clone(), true)),
-            ("plan" | "apply", Some(event), _) => Ok((usize::MAX, event.clone(), false)),
-            (stage, Some(event), _) => match pipeline.stage_index(stage) {
+            (Step::Fetch, Some(event), _) => Ok((0, event.clone(), true)),
+            (Step::Plan | Step::Apply, Some(event), _) => Ok((usize::MAX, event.clone(), false)),
+            (Step::Stage(stage), Some(event), _) => match pipeline.stage_index(stage) {
                 Some(index) => Ok((index, event.clone(), false)),
                 None => Err(format!("stage `{stage}` is no longer in the pipeline")),
             },

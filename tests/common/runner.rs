@@ -65,6 +65,21 @@ max_backoff_ms = 200
 }
 
 impl Run {
+    /// Points the pipeline's file source at a new file `name` holding `events`.
+    pub fn read_next(&self, name: &str, events: &[String]) {
+        std::fs::write(self.dir.path().join(name), events.join("\n") + "\n").unwrap();
+        let text = std::fs::read_to_string(&self.pipeline).unwrap();
+        let from = text.lines().find(|l| l.starts_with("path = ")).expect("a file source").to_string();
+        std::fs::write(&self.pipeline, text.replace(&from, &format!("path = \"{name}\""))).unwrap();
+    }
+
+    /// `iotdr dead-letters replay`, parsed; asserts it exited with `code`.
+    pub fn replay(&self, moto: &Moto, code: i32) -> Value {
+        let out = iotdr(moto, self.dir.path(), &["dead-letters", "replay", self.pipeline.to_str().unwrap()]);
+        assert_eq!(out.status.code(), Some(code), "{}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
     /// `iotdr dead-letters list`, parsed.
     pub fn dead_letters(&self, moto: &Moto) -> Vec<Value> {
         let out = iotdr(moto, self.dir.path(), &["dead-letters", "list", self.pipeline.to_str().unwrap()]);

@@ -5,8 +5,9 @@
 use super::clients::RegionClients;
 use super::errors::{AwsError, ErrorKind};
 use super::rate::Limiter;
-use crate::event::{Entity, Event, related};
+use crate::event::{Event, related};
 use crate::plan::Call;
+use crate::state::ledger::Position;
 use crate::state::{StateError, StateStore};
 use aws_sdk_iot::types::{
     AttributePayload, BillingGroupProperties, CertificateStatus, ThingGroupProperties, ThingTypeProperties,
@@ -63,7 +64,7 @@ impl From<StateError> for ApplyError {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Applied {
     Done,
-    /// A shadow update older than one already applied: skipped.
+    /// Older than a change of the same entity already applied (the ledger): skipped.
     Stale,
 }
 
@@ -167,23 +168,20 @@ impl Applier {
     pub async fn apply(&self, event: &Event, region: &str, calls: &[Call]) -> Result<Applied, ApplyError> {
         let clients =
             self.regions.get(region).ok_or_else(|| invalid("connect", format!("no clients for region {region}")))?;
-        if event.entity == Entity::Shadow
-            && let Some(version) = event.version
+        // Source order per entity, whatever order the changes come in
+        // (replays, restarts, dead letters): older than what was applied is stale.
+        let position = Position::of(event);
+        if let Some(position) = &position
+            && let Some(why) = self.state.stale(region, position)?
         {
-            let shadow = event.related(related::SHADOW_NAME).unwrap_or("");
-            if self.state.shadow_version(region, &event.name, shadow)?.is_some_and(|seen| version <= seen) {
-                tracing::debug!(region, thing = %event.name, shadow, version, "stale shadow change skipped");
-                return Ok(Applied::Stale);
-            }
+            tracing::debug!(region, key = %position.key, event = %event.id, "stale change skipped: {why}");
+            return Ok(Applied::Stale);
         }
         for call in calls {
             self.await_dependencies(clients, event, call).await?;
         }
-        if event.entity == Entity::Shadow
-            && let Some(version) = event.version
-        {
-            let shadow = event.related(related::SHADOW_NAME).unwrap_or("");
-            self.state.set_shadow_version(region, &event.name, shadow, version)?;
+        if let Some(position) = &position {
+            self.state.record_applied(region, position)?;
         }
         Ok(Applied::Done)
     }

@@ -7,7 +7,7 @@ use super::clients::RegionClients;
 use super::errors::{AwsError, ErrorKind};
 use super::rate::Limiter;
 use crate::event::{Entity, Event, Operation, related};
-use crate::state::DeadLetter;
+use crate::state::{DeadLetter, Step};
 use futures_util::StreamExt;
 use serde_json::json;
 use std::collections::HashSet;
@@ -82,7 +82,7 @@ impl SourceFetcher {
 
     async fn complete_one(&self, mut event: Event) -> Result<Vec<Event>, Box<DeadLetter>> {
         let fail = |event: Event, what: &str, e: AwsError| {
-            Box::new(DeadLetter::for_event("fetch", format!("{what} from {}: {e}", event.source_region), event))
+            Box::new(DeadLetter::for_event(Step::Fetch, format!("{what} from {}: {e}", event.source_region), event))
         };
         match (event.entity, event.operation) {
             (Entity::Certificate, Operation::Created) if !carries_pem(&event) => {
@@ -90,10 +90,10 @@ impl SourceFetcher {
                 match self.certificate(&id, &event).await {
                     Ok(Some(mut events)) => {
                         let mut certificate = events.pop().expect("the certificate comes last");
-                        // JITR: the status the event reports, and the policies the pipeline names.
-                        if let Some(status) = event.related(related::CERTIFICATE_STATUS) {
-                            certificate.set_related(related::CERTIFICATE_STATUS, Some(status.to_string()));
-                        }
+                        // The status just read wins over the event's: a JITR
+                        // event says PENDING_ACTIVATION, and AWS publishes no
+                        // event when the certificate is activated after it.
+                        // JITR certificates also get the policies the pipeline names.
                         for policy in &self.jitr_policies {
                             if !certificate.related.iter().any(|(k, v)| k == related::POLICY && v == policy) {
                                 certificate.related.push((related::POLICY.into(), policy.clone()));
@@ -110,7 +110,7 @@ impl SourceFetcher {
                         Ok(events)
                     }
                     Ok(None) => Err(Box::new(DeadLetter::for_event(
-                        "fetch",
+                        Step::Fetch,
                         format!("certificate {id} is no longer in {}: nothing to replicate", event.source_region),
                         event,
                     ))),
@@ -221,7 +221,7 @@ impl BlockingFetcher {
         let clients = runtime.block_on(RegionClients::connect(&pipeline.source_region, &settings, false))?;
         let apply = &pipeline.apply;
         let retry = super::rate::RetryPolicy {
-            max_attempts: apply.max_attempts,
+            deadline: apply.retry_deadline,
             initial_backoff: apply.initial_backoff,
             max_backoff: apply.max_backoff,
         };

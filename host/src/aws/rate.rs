@@ -1,4 +1,7 @@
-//! Per-API token buckets and the retry loop with jittered exponential backoff.
+//! Per-API token buckets that adapt to throttling, and the retry loop with
+//! jittered exponential backoff. Throttling and transient failures are
+//! retried until a deadline (hours by default), never turned into a failure
+//! after a few attempts: a burst of throttling slows iotdr down instead.
 
 use super::errors::AwsError;
 use std::collections::HashMap;
@@ -45,10 +48,16 @@ pub const DEFAULT_RATES: &[(&str, f64)] = &[
 /// For APIs not in the table (reads the applier makes to converge).
 pub const FALLBACK_RATE: f64 = 20.0;
 
+/// The slowest an adaptive bucket gets however often it is throttled: a
+/// tenth of its configured rate, and never under half a request per second.
+const MIN_ADAPTIVE_SHARE: f64 = 0.1;
+const MIN_ADAPTIVE_RATE: f64 = 0.5;
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct RetryPolicy {
-    /// Attempts per call, the first included.
-    pub max_attempts: u32,
+    /// How long a call keeps being retried on throttling and transient
+    /// failures (5xx, timeouts, unreachable endpoints) before it fails.
+    pub deadline: Duration,
     pub initial_backoff: Duration,
     pub max_backoff: Duration,
 }
@@ -56,7 +65,7 @@ pub struct RetryPolicy {
 impl Default for RetryPolicy {
     fn default() -> Self {
         RetryPolicy {
-            max_attempts: 8,
+            deadline: Duration::from_secs(6 * 3600),
             initial_backoff: Duration::from_millis(100),
             max_backoff: Duration::from_secs(20),
         }
@@ -73,24 +82,53 @@ impl RetryPolicy {
     }
 }
 
+/// A token bucket whose rate adapts like the AWS SDKs' adaptive retry mode,
+/// simplified: a throttled answer halves the rate (down to a tenth of the
+/// configured ceiling), each success wins back a twentieth of the ceiling,
+/// which the rate never exceeds. The
+/// concurrent calls of one wave of throttling halve it once, not once each.
 struct Bucket {
+    ceiling: f64,
     rate: f64,
-    burst: f64,
     tokens: f64,
     refilled: Instant,
+    slowed: Option<Instant>,
 }
+
+/// Throttled answers within this long of a slow-down belong to the same wave.
+const THROTTLE_WAVE: Duration = Duration::from_millis(200);
 
 impl Bucket {
     fn new(rate: f64) -> Bucket {
-        // A burst of one second's worth, at least one call.
-        let burst = rate.max(1.0);
-        Bucket { rate, burst, tokens: burst, refilled: Instant::now() }
+        Bucket { ceiling: rate, rate, tokens: rate.max(1.0), refilled: Instant::now(), slowed: None }
+    }
+
+    /// A burst of one second's worth at the current rate, at least one call.
+    fn burst(&self) -> f64 {
+        self.rate.max(1.0)
+    }
+
+    fn throttled(&mut self, now: Instant) {
+        if self.slowed.is_some_and(|at| now.saturating_duration_since(at) < THROTTLE_WAVE) {
+            return;
+        }
+        self.slowed = Some(now);
+        let floor = (self.ceiling * MIN_ADAPTIVE_SHARE).max(MIN_ADAPTIVE_RATE).min(self.ceiling);
+        self.rate = (self.rate / 2.0).max(floor);
+        // What was saved up at the old rate must not be spent at once.
+        self.tokens = self.tokens.min(1.0);
+    }
+
+    fn succeeded(&mut self) {
+        if self.rate < self.ceiling {
+            self.rate = (self.rate + self.ceiling / 20.0).min(self.ceiling);
+        }
     }
 
     /// Takes a token, or says how long until one is there.
     fn take(&mut self, now: Instant) -> Option<Duration> {
         let elapsed = now.saturating_duration_since(self.refilled).as_secs_f64();
-        self.tokens = (self.tokens + elapsed * self.rate).min(self.burst);
+        self.tokens = (self.tokens + elapsed * self.rate).min(self.burst());
         self.refilled = now;
         if self.tokens >= 1.0 {
             self.tokens -= 1.0;
@@ -120,6 +158,8 @@ pub struct CallStats {
     pub calls: u64,
     pub throttled: u64,
     pub transient_failures: u64,
+    /// Calls that were still failing retryably when the retry deadline passed.
+    pub deadline_exceeded: u64,
 }
 
 impl Limiter {
@@ -143,43 +183,63 @@ impl Limiter {
         self.stats.lock().expect("stats lock").clone()
     }
 
+    fn bucket<R>(&self, region: &str, operation: &'static str, f: impl FnOnce(&mut Bucket) -> R) -> R {
+        let mut buckets = self.buckets.lock().expect("bucket lock");
+        let rate = self.rates.get(operation).copied().unwrap_or(self.fallback);
+        f(buckets.entry((region.to_string(), operation)).or_insert_with(|| Bucket::new(rate)))
+    }
+
     async fn acquire(&self, region: &str, operation: &'static str) {
-        loop {
-            let wait = {
-                let mut buckets = self.buckets.lock().expect("bucket lock");
-                let rate = self.rates.get(operation).copied().unwrap_or(self.fallback);
-                buckets.entry((region.to_string(), operation)).or_insert_with(|| Bucket::new(rate)).take(Instant::now())
-            };
-            match wait {
-                None => return,
-                Some(wait) => tokio::time::sleep(wait).await,
-            }
+        while let Some(wait) = self.bucket(region, operation, |b| b.take(Instant::now())) {
+            tokio::time::sleep(wait).await;
         }
     }
 
+    /// The rate the bucket of `operation` in `region` is held to now.
+    pub fn current_rate(&self, region: &str, operation: &'static str) -> f64 {
+        self.bucket(region, operation, |b| b.rate)
+    }
+
     /// Sends one call: waits for its token, retries throttling and transient
-    /// failures with backoff, and returns the last result.
+    /// failures with backoff until the retry deadline, and returns the last
+    /// result. Throttling slows the operation's bucket down.
     pub async fn send<T, F, Fut>(&self, region: &str, operation: &'static str, mut request: F) -> Result<T, AwsError>
     where
         F: FnMut() -> Fut,
         Fut: Future<Output = Result<T, AwsError>>,
     {
+        let started = Instant::now();
         let mut attempt = 0;
         loop {
             attempt += 1;
             self.acquire(region, operation).await;
             let result = request().await;
+            let throttled = matches!(&result, Err(e) if e.is(super::errors::ErrorKind::Throttled));
+            self.bucket(region, operation, |b| {
+                if throttled {
+                    b.throttled(Instant::now())
+                } else if result.is_ok() {
+                    b.succeeded()
+                }
+            });
+            let backoff = self.retry.backoff(attempt);
+            let in_time = started.elapsed() + backoff < self.retry.deadline;
             let retry = {
                 let mut stats = self.stats.lock().expect("stats lock");
                 stats.requests += 1;
                 match &result {
-                    Err(e) if e.retryable() && attempt < self.retry.max_attempts => {
-                        if e.is(super::errors::ErrorKind::Throttled) {
+                    Err(e) if e.retryable() && in_time => {
+                        if throttled {
                             stats.throttled += 1;
                         } else {
                             stats.transient_failures += 1;
                         }
                         true
+                    }
+                    Err(e) if e.retryable() => {
+                        stats.deadline_exceeded += 1;
+                        stats.calls += 1;
+                        false
                     }
                     _ => {
                         stats.calls += 1;
@@ -189,8 +249,22 @@ impl Limiter {
             };
             match result {
                 Err(e) if retry => {
-                    tracing::debug!(region, operation, attempt, "retrying after {e}");
-                    tokio::time::sleep(self.retry.backoff(attempt)).await;
+                    // A long outage is worth a line now and then, not one per attempt.
+                    if attempt % 20 == 0 {
+                        tracing::warn!(region, operation, attempt, "still failing after {:?}: {e}", started.elapsed());
+                    } else {
+                        tracing::debug!(region, operation, attempt, "retrying after {e}");
+                    }
+                    tokio::time::sleep(backoff).await;
+                }
+                Err(e) if e.retryable() => {
+                    return Err(AwsError {
+                        message: format!(
+                            "{} (still failing after {} attempts over {:?}, the retry deadline)",
+                            e.message, attempt, self.retry.deadline
+                        ),
+                        ..e
+                    });
                 }
                 other => return other,
             }
@@ -228,9 +302,35 @@ mod tests {
     }
 
     #[test]
+    fn throttling_halves_the_rate_and_successes_win_it_back() {
+        let mut bucket = Bucket::new(100.0);
+        let mut at = Instant::now();
+        bucket.throttled(at);
+        bucket.throttled(at + Duration::from_millis(50));
+        assert_eq!(bucket.rate, 50.0, "one wave of throttled answers slows down once");
+        at += THROTTLE_WAVE;
+        bucket.throttled(at);
+        assert_eq!(bucket.rate, 25.0);
+        for _ in 0..100 {
+            at += THROTTLE_WAVE;
+            bucket.throttled(at);
+        }
+        assert_eq!(bucket.rate, 10.0, "never under a tenth of the configured rate");
+        let start = Instant::now();
+        assert_eq!(bucket.take(start), None, "one call still goes");
+        assert!(bucket.take(start).is_some(), "saved-up tokens are not spent at once after throttling");
+        for _ in 0..18 {
+            bucket.succeeded();
+        }
+        assert_eq!(bucket.rate, 100.0, "back to the ceiling, never past it");
+        bucket.succeeded();
+        assert_eq!(bucket.rate, 100.0);
+    }
+
+    #[test]
     fn backoff_grows_and_is_capped() {
         let policy = RetryPolicy {
-            max_attempts: 5,
+            deadline: Duration::from_secs(60),
             initial_backoff: Duration::from_millis(100),
             max_backoff: Duration::from_millis(350),
         };

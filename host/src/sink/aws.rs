@@ -45,7 +45,7 @@ impl AwsSink {
             Ok::<_, AwsSinkError>(regions)
         })?;
         let retry = RetryPolicy {
-            max_attempts: apply.max_attempts,
+            deadline: apply.retry_deadline,
             initial_backoff: apply.initial_backoff,
             max_backoff: apply.max_backoff,
         };

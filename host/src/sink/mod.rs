@@ -28,7 +28,7 @@ pub struct Job {
 #[derive(Debug, Clone, PartialEq)]
 pub enum JobResult {
     Applied,
-    /// Older than what the region already has (a shadow version): nothing to do.
+    /// Older than what the region already has (see the ledger): nothing to do.
     Stale,
     /// The change could not be made; the reason names the operation and the error.
     Failed(String),

@@ -1,8 +1,9 @@
 //! The embedded state of a pipeline (SQLite, `<state dir>/state.db`): dead
-//! letters, what iotdr knows it created in each target region, the newest
-//! shadow version applied, and source checkpoints. One writer per pipeline.
+//! letters, what iotdr knows it created in each target region, the ledger of
+//! what was applied, and source checkpoints. One writer per pipeline.
 
 use super::DeadLetter;
+use super::ledger::{self, Entry, Position};
 use rusqlite::{Connection, OptionalExtension, params};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -44,12 +45,14 @@ CREATE TABLE IF NOT EXISTS known (
     value TEXT NOT NULL,
     PRIMARY KEY (region, kind, name)
 );
-CREATE TABLE IF NOT EXISTS shadow_versions (
+CREATE TABLE IF NOT EXISTS ledger (
     region TEXT NOT NULL,
-    thing TEXT NOT NULL,
-    shadow TEXT NOT NULL,
-    version INTEGER NOT NULL,
-    PRIMARY KEY (region, thing, shadow)
+    key TEXT NOT NULL,
+    applied_ms INTEGER NOT NULL,
+    applied_version INTEGER NOT NULL,
+    lifecycle_ms INTEGER,
+    lifecycle_version INTEGER,
+    PRIMARY KEY (region, key)
 );
 CREATE TABLE IF NOT EXISTS checkpoints (
     source TEXT PRIMARY KEY,
@@ -107,7 +110,7 @@ impl StateStore {
                 "INSERT INTO dead_letters (at_ms, stage, reason, letter, fingerprint) VALUES (?1, ?2, ?3, ?4, ?5)
                  ON CONFLICT (fingerprint) DO UPDATE
                  SET at_ms = excluded.at_ms, reason = excluded.reason, letter = excluded.letter",
-                params![letter.at_ms as i64, letter.stage, letter.reason, json, fingerprint],
+                params![letter.at_ms as i64, letter.step.to_string(), letter.reason, json, fingerprint],
             )?;
             c.query_row("SELECT id FROM dead_letters WHERE fingerprint = ?1", [&fingerprint], |row| row.get(0))
         })
@@ -121,7 +124,7 @@ impl StateStore {
         })?;
         rows.into_iter()
             .map(|(id, json)| {
-                let letter = serde_json::from_str(&json).map_err(|e| StateError {
+                let letter = read_letter(&json).map_err(|e| StateError {
                     path: self.path.clone(),
                     message: format!("dead letter {id} is unreadable: {e}"),
                 })?;
@@ -187,37 +190,66 @@ impl StateStore {
         })
     }
 
-    // ---- shadows --------------------------------------------------------
+    // ---- the ledger -------------------------------------------------------
 
-    /// The newest source version of this shadow applied to `region`. The
-    /// classic shadow's name is "".
-    pub fn shadow_version(&self, region: &str, thing: &str, shadow: &str) -> Result<Option<u64>, StateError> {
-        self.with(|c| {
-            c.query_row(
-                "SELECT version FROM shadow_versions WHERE region = ?1 AND thing = ?2 AND shadow = ?3",
-                params![region, thing, shadow],
-                |row| row.get::<_, i64>(0),
-            )
-            .optional()
-        })
-        .map(|v| v.map(|v| v as u64))
+    fn ledger_entry(c: &Connection, region: &str, key: &str) -> rusqlite::Result<Entry> {
+        c.query_row(
+            "SELECT applied_ms, applied_version, lifecycle_ms, lifecycle_version FROM ledger
+             WHERE region = ?1 AND key = ?2",
+            params![region, key],
+            |row| {
+                let lifecycle = match (row.get::<_, Option<i64>>(2)?, row.get::<_, Option<i64>>(3)?) {
+                    (Some(ms), Some(version)) => Some((ms, version)),
+                    _ => None,
+                };
+                Ok(Entry { applied: Some((row.get(0)?, row.get(1)?)), lifecycle })
+            },
+        )
+        .optional()
+        .map(Option::unwrap_or_default)
     }
 
-    pub fn set_shadow_version(&self, region: &str, thing: &str, shadow: &str, version: u64) -> Result<(), StateError> {
+    /// Why the change at `position` is stale in `region`, or `None` when it is to be applied.
+    pub fn stale(&self, region: &str, position: &Position) -> Result<Option<&'static str>, StateError> {
         self.with(|c| {
+            let own = Self::ledger_entry(c, region, &position.key)?;
+            let within =
+                position.within.iter().map(|key| Self::ledger_entry(c, region, key)).collect::<Result<Vec<_>, _>>()?;
+            Ok(ledger::stale(position, own, &within))
+        })
+    }
+
+    /// Records that the change at `position` was applied in `region`. The
+    /// ledger never goes back.
+    pub fn record_applied(&self, region: &str, position: &Position) -> Result<(), StateError> {
+        let order = ledger::encode(position.order);
+        self.with(|c| {
+            // One connection behind one lock: nothing writes between the read and the write.
+            let old = Self::ledger_entry(c, region, &position.key)?;
+            let applied = old.applied.map_or(order, |applied| applied.max(order));
+            let lifecycle = if position.lifecycle { old.lifecycle.max(Some(order)) } else { old.lifecycle };
             c.execute(
-                "INSERT INTO shadow_versions (region, thing, shadow, version) VALUES (?1, ?2, ?3, ?4)
-                 ON CONFLICT (region, thing, shadow) DO UPDATE SET version = max(version, excluded.version)",
-                params![region, thing, shadow, version as i64],
+                "INSERT INTO ledger (region, key, applied_ms, applied_version, lifecycle_ms, lifecycle_version)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                 ON CONFLICT (region, key) DO UPDATE SET
+                   applied_ms = excluded.applied_ms, applied_version = excluded.applied_version,
+                   lifecycle_ms = excluded.lifecycle_ms, lifecycle_version = excluded.lifecycle_version",
+                params![region, position.key, applied.0, applied.1, lifecycle.map(|l| l.0), lifecycle.map(|l| l.1)],
             )
             .map(drop)
         })
     }
 
-    /// Forgets every shadow version of `thing` in `region` (the thing was deleted there).
+    /// Forgets the shadows of `thing` in `region`: the thing was deleted
+    /// there, and a thing created again under its name starts them anew.
     pub fn forget_shadows(&self, region: &str, thing: &str) -> Result<(), StateError> {
+        let prefix = ledger::shadow_key(thing, "");
         self.with(|c| {
-            c.execute("DELETE FROM shadow_versions WHERE region = ?1 AND thing = ?2", params![region, thing]).map(drop)
+            c.execute(
+                "DELETE FROM ledger WHERE region = ?1 AND substr(key, 1, length(?2)) = ?2",
+                params![region, prefix],
+            )
+            .map(drop)
         })
     }
 
@@ -241,6 +273,26 @@ impl StateStore {
     }
 }
 
+/// A stored letter. Letters written before steps were typed name theirs in
+/// `stage` alone: the host's own steps by name, anything else a stage.
+fn read_letter(json: &str) -> serde_json::Result<DeadLetter> {
+    let mut value: serde_json::Value = serde_json::from_str(json)?;
+    if let Some(object) = value.as_object_mut()
+        && !object.contains_key("step")
+        && let Some(stage) = object.get("stage").and_then(|s| s.as_str()).map(str::to_string)
+    {
+        let step = match stage.as_str() {
+            "decode" | "fetch" | "plan" | "apply" => stage.clone(),
+            _ => "stage".to_string(),
+        };
+        if step != "stage" {
+            object.remove("stage");
+        }
+        object.insert("step".into(), step.into());
+    }
+    serde_json::from_value(value)
+}
+
 /// Stores made before letters had fingerprints get the column (their old
 /// letters keep none, so they are never merged).
 fn add_fingerprints(conn: &Connection) -> rusqlite::Result<()> {
@@ -256,6 +308,45 @@ fn add_fingerprints(conn: &Connection) -> rusqlite::Result<()> {
 mod tests {
     use super::*;
     use crate::event::{Entity, Event, Operation};
+    use crate::state::Step;
+
+    fn shadow_at(version: u64) -> Position {
+        let mut shadow = Event::new(Entity::Shadow, Operation::Updated, "t");
+        shadow.version = Some(version);
+        Position::of(&shadow).unwrap()
+    }
+
+    #[test]
+    fn the_ledger_keeps_the_newest_change_and_the_newest_lifecycle() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = StateStore::open(dir.path()).unwrap();
+        let at = |operation: Operation, at_ms: u64| {
+            let mut thing = Event::new(Entity::Thing, operation, "t");
+            thing.timestamp_ms = at_ms;
+            Position::of(&thing).unwrap()
+        };
+        store.record_applied("r", &at(Operation::Created, 10)).unwrap();
+        store.record_applied("r", &at(Operation::Deleted, 30)).unwrap();
+        store.record_applied("r", &at(Operation::Updated, 20)).unwrap();
+        assert!(store.stale("r", &at(Operation::Updated, 25)).unwrap().is_some());
+        assert!(store.stale("r", &at(Operation::Created, 30)).unwrap().is_none());
+        assert!(store.stale("other-region", &at(Operation::Updated, 1)).unwrap().is_none());
+        let mut member = Event::new(Entity::ThingGroupMembership, Operation::Added, "t");
+        member.set_related("thing-group", Some("g".into()));
+        member.timestamp_ms = 29;
+        let membership = Position::of(&member).unwrap();
+        assert!(store.stale("r", &membership).unwrap().is_some(), "older than the thing's deletion");
+        member.timestamp_ms = 31;
+        assert!(store.stale("r", &Position::of(&member).unwrap()).unwrap().is_none());
+    }
+
+    #[test]
+    fn letters_stored_before_steps_were_typed_are_read() {
+        let old = |stage: &str| format!(r#"{{"at_ms":1,"stage":"{stage}","reason":"r"}}"#);
+        assert_eq!(read_letter(&old("apply")).unwrap().step, Step::Apply);
+        assert_eq!(read_letter(&old("fetch")).unwrap().step, Step::Fetch);
+        assert_eq!(read_letter(&old("router")).unwrap().step, Step::Stage("router".into()));
+    }
 
     #[cfg(unix)]
     #[test]
@@ -272,9 +363,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = StateStore::open(dir.path()).unwrap();
         let event = Event::new(Entity::Thing, Operation::Created, "t");
-        let first = store.add_dead_letter(&DeadLetter::for_event("apply", "throttled", event.clone())).unwrap();
-        let other = store.add_dead_letter(&DeadLetter::for_event("plan", "no type", event.clone())).unwrap();
-        let again = store.add_dead_letter(&DeadLetter::for_event("apply", "still throttled", event)).unwrap();
+        let first = store.add_dead_letter(&DeadLetter::for_event(Step::Apply, "throttled", event.clone())).unwrap();
+        let other = store.add_dead_letter(&DeadLetter::for_event(Step::Plan, "no type", event.clone())).unwrap();
+        let again = store.add_dead_letter(&DeadLetter::for_event(Step::Apply, "still throttled", event)).unwrap();
         assert_eq!(first, again);
         assert_ne!(first, other);
         let letters = store.dead_letters().unwrap();
@@ -293,14 +384,15 @@ mod tests {
             let store = StateStore::open(dir.path()).unwrap();
             store
                 .add_dead_letter(&DeadLetter::for_event(
-                    "apply",
+                    Step::Apply,
                     "boom",
                     Event::new(Entity::Thing, Operation::Created, "t"),
                 ))
                 .unwrap();
             store.set_known("eu-west-1", "thing", "t", "1").unwrap();
-            store.set_shadow_version("eu-west-1", "t", "", 7).unwrap();
-            store.set_shadow_version("eu-west-1", "t", "", 5).unwrap();
+            for version in [7, 5] {
+                store.record_applied("eu-west-1", &shadow_at(version)).unwrap();
+            }
             store.set_checkpoint("file:events.jsonl", "1234").unwrap();
         }
         let store = StateStore::open(dir.path()).unwrap();
@@ -309,11 +401,12 @@ mod tests {
         assert_eq!(letters[0].letter.reason, "boom");
         assert_eq!(store.known("eu-west-1", "thing", "t").unwrap().as_deref(), Some("1"));
         assert_eq!(store.known("eu-central-1", "thing", "t").unwrap(), None);
-        assert_eq!(store.shadow_version("eu-west-1", "t", "").unwrap(), Some(7), "versions never go back");
+        assert!(store.stale("eu-west-1", &shadow_at(6)).unwrap().is_some(), "the ledger never goes back");
+        assert!(store.stale("eu-west-1", &shadow_at(8)).unwrap().is_none());
         assert_eq!(store.checkpoint("file:events.jsonl").unwrap().as_deref(), Some("1234"));
         assert_eq!(store.remove_dead_letters(Some(&[letters[0].id])).unwrap(), 1);
         assert!(store.dead_letters().unwrap().is_empty());
         store.forget_shadows("eu-west-1", "t").unwrap();
-        assert_eq!(store.shadow_version("eu-west-1", "t", "").unwrap(), None);
+        assert!(store.stale("eu-west-1", &shadow_at(1)).unwrap().is_none());
     }
 }
