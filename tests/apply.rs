@@ -200,7 +200,7 @@ async fn replaying_the_stream_changes_nothing_more() {
     let test = pipeline(&moto, &scenario(), "");
     run(&moto, &test);
     let first = target_state(&moto).await;
-    let again = run(&moto, &test);
+    let again = test.rerun(&moto);
     assert_eq!(again["run"]["dead_letters"], 0, "{again}");
     // Stale: the three shadow updates already there, and every change older
     // than its entity's newest (sensor-v1's creation, pump-0001's creation

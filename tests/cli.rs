@@ -204,8 +204,8 @@ fn a_halted_run_keeps_the_dead_letters_its_batch_made_before_once() {
     let down = "http://127.0.0.1:9";
     let test = common::runner::Run::new("us-east-1", down, "eu-west-1", down, &events, &stage);
     let (dir, pipeline) = (test.dir.path(), &test.pipeline);
-    // Twice: the file is read from its start again, and the same failure is
-    // one letter, not two.
+    // Twice: the halted batch stays queued and halts the next run again; the
+    // decode failure stored with it at ingest is one letter, not two.
     for _ in 0..2 {
         let out = iotdr(&["run", pipeline.to_str().unwrap(), "--until-idle"], dir);
         assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));

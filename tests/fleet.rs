@@ -60,7 +60,7 @@ async fn a_generated_fleet_arrives_field_by_field() {
     assert_eq!(target["things"]["dev-0000"]["certificates"].as_array().unwrap().len(), 1);
 
     // Replaying the whole stream: identical, shadow versions included.
-    let again = test.run(&moto);
+    let again = test.rerun(&moto);
     assert_eq!(again["run"]["dead_letters"], 0, "{again}");
     assert_eq!(region_state(&moto, TARGET).await, target, "a replay changes nothing");
     let shadow_updates = fleet.events.iter().filter(|e| e.contains("/shadow/")).count();
@@ -198,7 +198,7 @@ async fn certificate_status_changes_and_a_new_policy_version_arrive() {
     assert_same(&without_shadow_versions(region_state(&moto, SOURCE).await), &without_shadow_versions(target.clone()));
 
     // Replayed, the changes add nothing: no third policy version.
-    changed.run(&moto);
+    changed.rerun(&moto);
     assert_eq!(region_state(&moto, TARGET).await, target);
 }
 
@@ -386,4 +386,100 @@ async fn replayed_dead_letters_never_roll_an_entity_back() {
         assert_eq!(thing["groups"], json!([]), "memberships removed later stay removed: {thing}");
     }
     assert!(test.dead_letters(&moto).is_empty());
+}
+
+/// Waits for `condition` (checked every 100 ms) for up to `seconds`.
+async fn wait_for<F: std::future::Future<Output = bool>>(seconds: u64, what: &str, mut condition: impl FnMut() -> F) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(seconds);
+    while !condition().await {
+        assert!(std::time::Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
+/// AWS publishes no event when a principal is attached to a thing or a
+/// certificate is activated. A thing's `created` event usually arrives before
+/// its certificate is attached, and a JITR certificate is activated after its
+/// event: the run reads both again a while later, and ends with what the
+/// source holds.
+#[tokio::test]
+async fn what_changes_in_the_source_without_an_event_arrives_by_a_second_read() {
+    let moto = Moto::start();
+    let (iot, target) = (moto.iot(SOURCE).await, moto.iot(TARGET).await);
+    let site = aws_sdk_iot::types::AttributePayload::builder().attributes("site", "lyon").build();
+    iot.create_thing().thing_name("late-1").attribute_payload(site).send().await.unwrap();
+    let jitr = iot.create_keys_and_certificate().send().await.unwrap().certificate_id.unwrap();
+    // Events of now: a second read is due a while after each.
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64;
+    let events = vec![
+        thing_record("created", "late-1", json!({ "site": "lyon" }), now),
+        json!({
+            "topic": format!("$aws/events/certificates/registered/{}", "ca0".repeat(21) + "c"),
+            "payload": { "certificateId": jitr, "caCertificateId": "ca0".repeat(21) + "c",
+                         "timestamp": now + 1, "certificateStatus": "PENDING_ACTIVATION",
+                         "awsAccountId": "123456789012" }
+        })
+        .to_string(),
+    ];
+    let test = Run::new(SOURCE, &moto.url, TARGET, &moto.url, &events, "\n[ingest]\nrecheck_after_ms = 4000");
+    let mut child = test.spawn(&moto);
+    wait_for(60, "the first read applied", || async {
+        let thing = target.describe_thing().thing_name("late-1").send().await.is_ok();
+        thing && target.describe_certificate().certificate_id(&jitr).send().await.is_ok()
+    })
+    .await;
+    let principals = target.list_thing_principals().thing_name("late-1").send().await.unwrap();
+    assert_eq!(principals.principals.unwrap_or_default().len(), 0, "nothing was attached when the event was read");
+
+    // Seconds after the events: the device's certificate is attached, the JITR one activated.
+    let device = iot.create_keys_and_certificate().set_as_active(true).send().await.unwrap();
+    let device_id = device.certificate_id.unwrap();
+    iot.attach_thing_principal().thing_name("late-1").principal(device.certificate_arn.unwrap()).send().await.unwrap();
+    iot.update_certificate().certificate_id(&jitr).new_status(CertificateStatus::Active).send().await.unwrap();
+
+    let status = tokio::task::spawn_blocking(move || child.wait().unwrap()).await.unwrap();
+    assert!(status.success(), "{}", test.log());
+    let state = region_state(&moto, TARGET).await;
+    assert_eq!(state["things"]["late-1"]["certificates"], json!([device_id]), "{state}");
+    assert_eq!(state["certificates"][&device_id]["status"], "ACTIVE");
+    assert_eq!(state["certificates"][&jitr]["status"], "ACTIVE", "{state}");
+    assert_eq!(state["things"]["late-1"]["attributes"], json!({ "site": "lyon" }));
+}
+
+/// SIGKILL at ten random moments while a fleet replicates, a restart after
+/// each: nothing is lost (the target equals the source field by field) and
+/// nothing is applied twice in effect (shadow versions, which count every
+/// write, equal the source's).
+#[tokio::test]
+async fn a_run_killed_at_ten_random_moments_loses_nothing_and_writes_nothing_twice() {
+    let moto = Moto::start();
+    let fleet = seed(&moto, SOURCE, THINGS).await;
+    // Small batches, so that ingest stores often, and 25 calls/s per
+    // operation, so that the run lasts longer than the ten kills.
+    let test = Run::new(SOURCE, &moto.url, TARGET, &moto.url, &fleet.events, r#"rate_limits = { "*" = 25 }"#);
+    let text = std::fs::read_to_string(&test.pipeline).unwrap();
+    std::fs::write(&test.pipeline, text.replace("targets = [", "batch_size = 32\ntargets = [")).unwrap();
+    let mut midway = 0;
+    let seed = fastrand::u64(..);
+    let mut random = fastrand::Rng::with_seed(seed);
+    for kill in 0..10 {
+        let mut child = test.spawn(&moto);
+        let after = std::time::Duration::from_millis(random.u64(300..1500));
+        tokio::time::sleep(after).await;
+        let finished = child.try_wait().unwrap().is_some();
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert!(!finished || kill > 0, "the run ended before the first kill (seed {seed}): {}", test.log());
+        let listed = moto.iot(TARGET).await.list_things().max_results(250).send().await.unwrap();
+        let things = listed.things.unwrap_or_default().len();
+        eprintln!("kill {kill} after {after:?}: {things} things in the target so far");
+        midway += usize::from(things > 0 && things < fleet.things);
+    }
+    assert!(midway > 0, "no kill landed while things were being applied (seed {seed})");
+    let summary = test.run(&moto);
+    assert_eq!(summary["run"]["dead_letters"], 0, "seed {seed}: {summary}");
+    assert!(test.dead_letters(&moto).is_empty(), "seed {seed}");
+    let source = region_state(&moto, SOURCE).await;
+    let target = region_state(&moto, TARGET).await;
+    assert_same(&source, &target);
 }

@@ -13,11 +13,11 @@ mod fleet;
 mod moto;
 
 use futures_util::StreamExt;
-use iotdr::aws::BlockingFetcher;
+use iotdr::aws::{Limiter, SourceFetcher};
 use iotdr::config::Pipeline as PipelineConfig;
 use iotdr::pipeline::Pipeline;
 use iotdr::plugin::PluginEngine;
-use iotdr::run::{Options, run_file};
+use iotdr::run::{Options, run};
 use iotdr::sink::AwsSink;
 use iotdr::source::FileSource;
 use iotdr::state::StateStore;
@@ -72,22 +72,24 @@ rate_limits = {{ "*" = 100000.0 }}
     let engine = PluginEngine::new(None).unwrap();
     let mut pipeline = Pipeline::build(&config, &engine).unwrap();
     let state = Arc::new(StateStore::open(&dir.path().join("state")).unwrap());
-    let mut sink = AwsSink::connect(&config, state.clone()).unwrap();
-    let fetcher = std::cell::RefCell::new(BlockingFetcher::connect(&config).unwrap());
+    let limiter = Arc::new(Limiter::from_config(&config.apply));
+    let mut sink = runtime.block_on(AwsSink::connect(&config, state.clone(), limiter.clone())).unwrap();
+    let fetcher = runtime.block_on(SourceFetcher::connect(&config, limiter)).unwrap();
     let iotdr::config::Source::File { path } = &config.source else { unreachable!() };
-    let mut source = FileSource::open(path).unwrap();
-    let mut letters = |_: &iotdr::state::DeadLetter| Ok(());
-    let mut options = Options {
+    let mut source = FileSource::open(path, None, true).unwrap();
+    let options = Options {
         until_idle: true,
         poll_interval: Duration::from_millis(10),
-        complete: Some(Box::new(|events| fetcher.borrow_mut().complete(events))),
+        recheck_after: None,
+        queue_limit: config.ingest.queue_limit,
     };
     let started = Instant::now();
-    let summary = run_file(&config, &mut pipeline, &mut source, &mut sink, &mut letters, &mut options).unwrap();
+    let summary = runtime
+        .block_on(run(&config, &state, &mut source, Some(&fetcher), &mut pipeline, &mut sink, &options, &|_| {}))
+        .unwrap();
     let elapsed = started.elapsed().as_secs_f64();
     let stats = sink.stats();
-    drop(options);
-    let source = fetcher.borrow().stats();
+    let source = fetcher.stats();
     assert_eq!(summary.dead_letters, 0, "the benchmark run must apply everything");
 
     // moto's ceiling: the same kind of write, nothing else, same concurrency.

@@ -56,7 +56,24 @@ pub struct Pipeline {
     pub source: Source,
     pub stages: Vec<Stage>,
     pub apply: Apply,
+    pub ingest: Ingest,
     pub state_dir: PathBuf,
+}
+
+/// How records become queued events (`[ingest]`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Ingest {
+    /// Things and JITR certificates are read from the source again this long
+    /// after an event about them; `None` (0 in the file) never.
+    pub recheck_after: Option<Duration>,
+    /// Reading the source pauses while this many events wait to be applied.
+    pub queue_limit: u64,
+}
+
+impl Default for Ingest {
+    fn default() -> Self {
+        Ingest { recheck_after: Some(Duration::from_secs(30)), queue_limit: 10_000 }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Default)]
@@ -147,7 +164,16 @@ struct RawFile {
     #[serde(default)]
     apply: RawApply,
     #[serde(default)]
+    ingest: RawIngest,
+    #[serde(default)]
     state: RawState,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawIngest {
+    recheck_after_ms: Option<Spanned<i64>>,
+    queue_limit: Option<Spanned<i64>>,
 }
 
 #[derive(Deserialize)]
@@ -365,6 +391,7 @@ impl Pipeline {
             source,
             stages,
             apply: apply_settings(raw_apply, replicate, &at)?,
+            ingest: ingest_settings(&raw.ingest, &at)?,
             state_dir: base.join(raw.state.dir.as_deref().unwrap_or(".iotdr-state")),
         })
     }
@@ -437,6 +464,27 @@ fn apply_settings(
         return Err(at(span, "apply.initial_backoff_ms is larger than max_backoff_ms".into()));
     }
     Ok(apply)
+}
+
+fn ingest_settings(raw: &RawIngest, at: &dyn Fn(Range<usize>, String) -> ConfigError) -> Result<Ingest, ConfigError> {
+    let defaults = Ingest::default();
+    let bounded = |value: &Option<Spanned<i64>>, name: &str, range: Range<i64>| match value {
+        Some(v) if !range.contains(v.get_ref()) => Err(at(
+            v.span(),
+            format!("ingest.{name} = {} is out of range {}..={}", v.get_ref(), range.start, range.end - 1),
+        )),
+        Some(v) => Ok(Some(*v.get_ref())),
+        None => Ok(None),
+    };
+    Ok(Ingest {
+        recheck_after: match bounded(&raw.recheck_after_ms, "recheck_after_ms", 0..86_400_001)? {
+            None => defaults.recheck_after,
+            Some(0) => None,
+            Some(ms) => Some(Duration::from_millis(ms as u64)),
+        },
+        queue_limit: bounded(&raw.queue_limit, "queue_limit", 1..10_000_001)?
+            .map_or(defaults.queue_limit, |n| n as u64),
+    })
 }
 
 fn stage_limits(raw: &RawLimits) -> Result<StageLimits, String> {

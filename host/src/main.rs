@@ -2,15 +2,15 @@
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
-use iotdr::aws::BlockingFetcher;
+use iotdr::aws::{Limiter, SourceFetcher};
 use iotdr::config::Pipeline as PipelineConfig;
-use iotdr::event::decode_line;
+use iotdr::event::{Event, decode_line};
 use iotdr::pipeline::Pipeline;
 use iotdr::plugin::{Fate, PluginEngine, StageLimits, StageRunner};
-use iotdr::run::{Options, replay, run_file};
+use iotdr::run::{Options, replay, run};
 use iotdr::sink::{AwsSink, DryRun};
-use iotdr::source::FileSource;
-use iotdr::state::StateStore;
+use iotdr::source::{AnySource, FileSource};
+use iotdr::state::{DeadLetter, StateStore, Step};
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -51,6 +51,10 @@ enum Command {
         /// attachments) from the source region, as a real run does.
         #[arg(long)]
         fetch: bool,
+        /// Read the source from its beginning again instead of resuming
+        /// where the last run stopped (replays converge: see the ledger).
+        #[arg(long)]
+        from_start: bool,
     },
     /// Lists, replays or purges the dead letters of a pipeline (kept in its state folder).
     DeadLetters {
@@ -117,7 +121,16 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
-    match execute(cli) {
+    // The process's one async runtime: sources, the source region's reads
+    // and the target regions' writes all run on it.
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(execute(cli)) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
@@ -132,7 +145,7 @@ fn engine(cache_dir: Option<PathBuf>) -> Result<PluginEngine> {
         .context("starting the WebAssembly engine")
 }
 
-fn execute(cli: Cli) -> Result<ExitCode> {
+async fn execute(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::Validate { pipeline } => {
             let config = PipelineConfig::load(&pipeline)?;
@@ -149,43 +162,57 @@ fn execute(cli: Cli) -> Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
-        Command::Run { pipeline, dry_run, until_idle, fetch } => {
+        Command::Run { pipeline, dry_run, until_idle, fetch, from_start } => {
             let config = PipelineConfig::load(&pipeline)?;
             let iotdr::config::Source::File { path } = &config.source else {
                 bail!("{}: only the `file` source is available in this version", pipeline.display());
             };
             let engine = engine(cli.cache_dir)?;
             let mut built = Pipeline::build(&config, &engine)?;
-            let mut source = FileSource::open(path).with_context(|| format!("opening {}", path.display()))?;
-            let mut fetcher =
+            // One limiter for the run: one bucket per region and operation,
+            // the source region's reads and the targets' writes alike.
+            let limiter = Arc::new(Limiter::from_config(&config.apply));
+            let fetcher =
                 if fetch || !dry_run {
-                    Some(BlockingFetcher::connect(&config).map_err(|e| {
+                    Some(SourceFetcher::connect(&config, limiter.clone()).await.map_err(|e| {
                         anyhow::anyhow!("connecting to the source region {}: {e}", config.source_region)
                     })?)
                 } else {
                     None
                 };
-            let complete =
-                fetcher.as_mut().map(|f| Box::new(move |events| f.complete(events)) as Box<iotdr::run::Complete>);
-            let mut options = Options { until_idle, poll_interval: Duration::from_millis(200), complete };
+            // A dry run changes nothing: its queue and positions live in memory.
+            let state = Arc::new(if dry_run { StateStore::in_memory()? } else { StateStore::open(&config.state_dir)? });
+            let key = FileSource::checkpoint_key(path);
+            if from_start {
+                state.remove_checkpoint(&key)?;
+            }
+            let checkpoint = state.checkpoint(&key)?;
+            let file = FileSource::open(path, checkpoint.as_deref(), until_idle)
+                .with_context(|| format!("opening {}", path.display()))?;
+            let mut source = AnySource::File(file);
+            let options = Options {
+                until_idle,
+                poll_interval: Duration::from_millis(200),
+                recheck_after: if dry_run { None } else { config.ingest.recheck_after },
+                queue_limit: config.ingest.queue_limit,
+            };
             if dry_run {
                 let stdout = std::io::stdout();
                 let mut sink = DryRun::new(stdout.lock());
-                // A dry run changes nothing, dead letters included: they are reported on stderr.
-                let mut report = |letter: &iotdr::state::DeadLetter| {
+                // Dead letters are reported on stderr.
+                let report = |letter: &DeadLetter| {
                     eprintln!("dead letter: {}", serde_json::to_string(&letter.redacted()).expect("JSON"));
-                    Ok(())
                 };
-                let summary = run_file(&config, &mut built, &mut source, &mut sink, &mut report, &mut options)?;
+                let summary =
+                    run(&config, &state, &mut source, fetcher.as_ref(), &mut built, &mut sink, &options, &report)
+                        .await?;
                 eprintln!("summary: {}", serde_json::to_string(&summary).expect("JSON"));
                 return Ok(ExitCode::SUCCESS);
             }
-            let state = Arc::new(StateStore::open(&config.state_dir)?);
-            let mut sink = AwsSink::connect(&config, state.clone())?;
-            let mut store = |letter: &iotdr::state::DeadLetter| {
-                state.add_dead_letter(letter).map(drop).map_err(|e| std::io::Error::other(e.to_string()))
-            };
-            let summary = run_file(&config, &mut built, &mut source, &mut sink, &mut store, &mut options)?;
+            let mut sink = AwsSink::connect(&config, state.clone(), limiter.clone()).await?;
+            let stored = |_: &DeadLetter| {};
+            let summary =
+                run(&config, &state, &mut source, fetcher.as_ref(), &mut built, &mut sink, &options, &stored).await?;
             let stats = sink.stats();
             let changes = summary.changes;
             eprintln!(
@@ -193,6 +220,7 @@ fn execute(cli: Cli) -> Result<ExitCode> {
                 serde_json::json!({
                     "run": summary,
                     "requests": stats,
+                    "source_requests": fetcher.as_ref().map(|f| f.stats()),
                     "calls_per_change": if changes == 0 { 0.0 } else { stats.calls as f64 / changes as f64 },
                 })
             );
@@ -206,18 +234,19 @@ fn execute(cli: Cli) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::DeadLetters { command } => dead_letters(command, cli.cache_dir),
+        Command::DeadLetters { command } => dead_letters(command, cli.cache_dir).await,
         Command::Plugin { command: PluginCommand::Test { plugin, events, config, source_region, targets } } => {
             serde_json::from_str::<serde_json::Value>(&config).context("--config is not JSON")?;
             let engine = engine(cli.cache_dir)?;
             let loaded = Arc::new(engine.load(&plugin)?);
             let mut runner = StageRunner::start("test", loaded, config, StageLimits::default())
                 .with_context(|| format!("starting {}", plugin.display()))?;
-            let mut source = FileSource::open(&events).with_context(|| format!("opening {}", events.display()))?;
+            let mut source =
+                FileSource::open(&events, None, true).with_context(|| format!("opening {}", events.display()))?;
             let mut out = std::io::stdout().lock();
             let mut failures = 0;
             loop {
-                let records = source.next_batch(256, true)?;
+                let records = source.next_batch(256)?;
                 if records.is_empty() {
                     break;
                 }
@@ -266,7 +295,7 @@ fn execute(cli: Cli) -> Result<ExitCode> {
     }
 }
 
-fn dead_letters(command: DeadLetterCommand, cache_dir: Option<PathBuf>) -> Result<ExitCode> {
+async fn dead_letters(command: DeadLetterCommand, cache_dir: Option<PathBuf>) -> Result<ExitCode> {
     let pipeline = match &command {
         DeadLetterCommand::List { pipeline }
         | DeadLetterCommand::Replay { pipeline, .. }
@@ -287,30 +316,31 @@ fn dead_letters(command: DeadLetterCommand, cache_dir: Option<PathBuf>) -> Resul
         DeadLetterCommand::Replay { ids, .. } => {
             let engine = engine(cache_dir)?;
             let mut built = Pipeline::build(&config, &engine)?;
-            let mut sink = AwsSink::connect(&config, state.clone())?;
+            let limiter = Arc::new(Limiter::from_config(&config.apply));
+            let mut sink = AwsSink::connect(&config, state.clone(), limiter.clone()).await?;
             let ids = (!ids.is_empty()).then_some(ids);
             // Letters that never completed (`decode`, `fetch`) read the source
             // again; connect to it only when one of them is replayed.
-            let mut fetcher: Option<Result<BlockingFetcher, String>> = None;
-            let mut complete = |events: Vec<iotdr::event::Event>| {
-                let connected = fetcher.get_or_insert_with(|| {
-                    BlockingFetcher::connect(&config)
-                        .map_err(|e| format!("connecting to {}: {e}", config.source_region))
-                });
-                match connected {
-                    Ok(fetcher) => fetcher.complete(events),
+            let mut fetcher: Option<Result<SourceFetcher, String>> = None;
+            let mut complete = async |events: Vec<Event>| {
+                if fetcher.is_none() {
+                    let connected = SourceFetcher::connect(&config, limiter.clone())
+                        .await
+                        .map_err(|e| format!("connecting to {}: {e}", config.source_region));
+                    fetcher = Some(connected);
+                }
+                match fetcher.as_ref().expect("connected above") {
+                    Ok(fetcher) => fetcher.complete(events).await,
                     Err(reason) => {
                         let letters = events
                             .into_iter()
-                            .map(|event| {
-                                iotdr::state::DeadLetter::for_event(iotdr::state::Step::Fetch, reason.clone(), event)
-                            })
+                            .map(|event| DeadLetter::for_event(Step::Fetch, reason.clone(), event))
                             .collect();
                         (Vec::new(), letters)
                     }
                 }
             };
-            let report = replay(&config, &mut built, &mut sink, &state, ids.as_deref(), &mut complete)?;
+            let report = replay(&config, &mut built, &mut sink, &state, ids.as_deref(), &mut complete).await?;
             println!("{}", serde_json::to_string(&report).expect("JSON"));
             Ok(if report.still_failing == 0 { ExitCode::SUCCESS } else { ExitCode::from(3) })
         }

@@ -49,7 +49,18 @@ max_backoff_ms = 200
 
     /// `iotdr run --until-idle`; asserts success and returns the summary.
     pub fn run(&self, moto: &Moto) -> Value {
-        let out = iotdr(moto, self.dir.path(), &["run", self.pipeline.to_str().unwrap(), "--until-idle"]);
+        self.run_with(moto, &[])
+    }
+
+    /// The same with `--from-start`: the whole file again, a replay.
+    pub fn rerun(&self, moto: &Moto) -> Value {
+        self.run_with(moto, &["--from-start"])
+    }
+
+    fn run_with(&self, moto: &Moto, args: &[&str]) -> Value {
+        let mut all = vec!["run", self.pipeline.to_str().unwrap(), "--until-idle"];
+        all.extend_from_slice(args);
+        let out = iotdr(moto, self.dir.path(), &all);
         let stderr = String::from_utf8_lossy(&out.stderr);
         // IOTDR_TEST_LOG=<filter> keeps each run's log in the system temp folder.
         if std::env::var_os("IOTDR_TEST_LOG").is_some() {
@@ -65,6 +76,26 @@ max_backoff_ms = 200
 }
 
 impl Run {
+    /// `iotdr run --until-idle` started in the background, its output kept in the test's folder.
+    pub fn spawn(&self, moto: &Moto) -> std::process::Child {
+        let log = std::fs::File::create(self.dir.path().join("run.log")).unwrap();
+        Command::new(env!("CARGO_BIN_EXE_iotdr"))
+            .args(["run", self.pipeline.to_str().unwrap(), "--until-idle"])
+            .current_dir(self.dir.path())
+            .env("IOTDR_CACHE_DIR", super::cache_dir())
+            .env("IOTDR_LOG", std::env::var("IOTDR_TEST_LOG").unwrap_or_else(|_| "warn".into()))
+            .envs(moto.env())
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("iotdr runs")
+    }
+
+    /// What a process from [`Run::spawn`] wrote on stderr.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("run.log")).unwrap_or_default()
+    }
+
     /// Points the pipeline's file source at a new file `name` holding `events`.
     pub fn read_next(&self, name: &str, events: &[String]) {
         std::fs::write(self.dir.path().join(name), events.join("\n") + "\n").unwrap();

@@ -5,9 +5,9 @@
 use super::clients::RegionClients;
 use super::errors::{AwsError, ErrorKind};
 use super::rate::Limiter;
-use crate::event::{Event, related};
+use crate::event::{Event, Operation, related};
 use crate::plan::Call;
-use crate::state::ledger::Position;
+use crate::state::ledger::{Order, Position};
 use crate::state::{StateError, StateStore};
 use aws_sdk_iot::types::{
     AttributePayload, BillingGroupProperties, CertificateStatus, ThingGroupProperties, ThingTypeProperties,
@@ -176,6 +176,22 @@ impl Applier {
         {
             tracing::debug!(region, key = %position.key, event = %event.id, "stale change skipped: {why}");
             return Ok(Applied::Stale);
+        }
+        // A shadow update is not idempotent (each write makes a version):
+        // one that was being written when the run stopped is written again
+        // only if the target does not hold it already.
+        if let Some(position) = &position
+            && let Order::ShadowVersion(version) = position.order
+            && event.operation == Operation::Updated
+        {
+            if self.state.in_flight(region, &position.key)? == Some(version)
+                && self.shadow_holds(clients, event).await?
+            {
+                tracing::debug!(region, key = %position.key, version, "shadow change found already written");
+                self.state.record_applied(region, position)?;
+                return Ok(Applied::Done);
+            }
+            self.state.mark_in_flight(region, &position.key, version)?;
         }
         for call in calls {
             self.await_dependencies(clients, event, call).await?;
@@ -506,6 +522,30 @@ impl Applier {
             ),
             other => Err(invalid(other, "iotdr does not apply this operation")),
         }
+    }
+
+    /// Whether the target's shadow already holds what `event` (a shadow
+    /// update) writes: every value of its state there, every key it
+    /// removes (null) absent.
+    async fn shadow_holds(&self, c: &RegionClients, event: &Event) -> Result<bool, ApplyError> {
+        let Some(patch) = event.document.as_deref().and_then(|d| serde_json::from_str::<Value>(d).ok()) else {
+            return Ok(false);
+        };
+        let got = send!(
+            self,
+            c.region.as_str(),
+            "GetThingShadow",
+            c.data
+                .get_thing_shadow()
+                .thing_name(&event.name)
+                .set_shadow_name(event.related(related::SHADOW_NAME).map(str::to_string))
+        );
+        let document = match got {
+            Ok(out) => out.payload.and_then(|p| serde_json::from_slice::<Value>(p.as_ref()).ok()).unwrap_or_default(),
+            Err(e) if is(&e, ErrorKind::NotFound) => return Ok(false),
+            Err(e) => return Err(e),
+        };
+        Ok(holds(&patch["state"], &document["state"]))
     }
 
     /// Creates or updates a thing to exactly the attributes and type of the
@@ -882,6 +922,19 @@ impl Applier {
     }
 }
 
+/// Whether `document` already reflects the merge patch `patch` (shadow
+/// semantics: objects merge, null removes, anything else replaces).
+fn holds(patch: &Value, document: &Value) -> bool {
+    match patch {
+        Value::Object(fields) => fields.iter().all(|(key, value)| match (value, document.get(key)) {
+            (Value::Null, found) => found.is_none_or(Value::is_null),
+            (_, None) => false,
+            (value, Some(found)) => holds(value, found),
+        }),
+        other => other == document,
+    }
+}
+
 fn ok_if(result: Result<(), ApplyError>, kind: ErrorKind) -> Result<(), ApplyError> {
     match result {
         Err(e) if is(&e, kind) => Ok(()),
@@ -892,4 +945,20 @@ fn ok_if(result: Result<(), ApplyError>, kind: ErrorKind) -> Result<(), ApplyErr
 /// Deleting or detaching what is not there is done.
 fn ok_if_not_found(result: Result<(), ApplyError>) -> Result<(), ApplyError> {
     ok_if(result, ErrorKind::NotFound)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn a_shadow_holds_a_patch_when_every_value_is_there_and_every_removal_done() {
+        let document = json!({ "reported": { "temp": 21, "mode": { "fan": "on" } }, "desired": { "temp": 20 } });
+        assert!(holds(&json!({ "reported": { "temp": 21 } }), &document));
+        assert!(holds(&json!({ "reported": { "mode": { "fan": "on" } }, "desired": { "gone": null } }), &document));
+        assert!(!holds(&json!({ "reported": { "temp": 22 } }), &document));
+        assert!(!holds(&json!({ "desired": { "temp": null } }), &document));
+        assert!(!holds(&json!({ "reported": { "new": 1 } }), &document));
+    }
 }

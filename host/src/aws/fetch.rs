@@ -40,6 +40,68 @@ impl SourceFetcher {
         SourceFetcher { clients, limiter, jitr_policies, carried: Mutex::new(HashSet::new()) }
     }
 
+    /// Connects to the pipeline's source region; `limiter` is the run's one limiter.
+    pub async fn connect(pipeline: &crate::config::Pipeline, limiter: Arc<Limiter>) -> Result<SourceFetcher, AwsError> {
+        let settings = pipeline.regions.get(&pipeline.source_region).cloned().unwrap_or_default();
+        let clients = RegionClients::connect(&pipeline.source_region, &settings, false).await?;
+        Ok(SourceFetcher::new(clients, limiter, pipeline.apply.jitr_policies.clone()))
+    }
+
+    /// The source-region calls made so far.
+    pub fn stats(&self) -> super::CallStats {
+        self.limiter.stats(std::slice::from_ref(&self.clients.region), &[])
+    }
+
+    /// Reads a thing or a certificate from the source again, as the events
+    /// that make a target hold what the source holds now: a thing with its
+    /// attributes, type and principals (and the certificates new to this
+    /// run), or a certificate with its PEM, status and policies. They take
+    /// the time, account and targets of `cause`, the event that asked for the
+    /// re-read. Nothing when the entity is gone (its deletion has an event).
+    pub async fn reread(&self, kind: &str, name: &str, cause: &Event) -> Result<Vec<Event>, Box<DeadLetter>> {
+        let fail = |what: &str, e: AwsError| {
+            Box::new(DeadLetter::for_event(
+                Step::Fetch,
+                format!("{what} from {}: {e}", cause.source_region),
+                cause.clone(),
+            ))
+        };
+        match kind {
+            "certificate" => match self.certificate(name, cause).await {
+                Ok(Some(mut events)) => {
+                    if let Some(certificate) = events.last_mut() {
+                        certificate.id = format!("recheck-{}", certificate.id);
+                    }
+                    Ok(events)
+                }
+                Ok(None) => Ok(Vec::new()),
+                Err(e) => Err(fail("re-reading the certificate", e)),
+            },
+            _ => {
+                let described = match fetch!(self, "DescribeThing", self.clients.iot.describe_thing().thing_name(name))
+                {
+                    Ok(described) => described,
+                    Err(e) if e.is(ErrorKind::NotFound) => return Ok(Vec::new()),
+                    Err(e) => return Err(fail("re-reading the thing", e)),
+                };
+                let mut thing = Event::new(Entity::Thing, Operation::Updated, name);
+                thing.id = format!("recheck-thing-{name}-{}", cause.timestamp_ms);
+                thing.source_region = cause.source_region.clone();
+                thing.account_id = cause.account_id.clone();
+                thing.timestamp_ms = cause.timestamp_ms;
+                thing.version = (described.version > 0).then_some(described.version as u64);
+                thing.targets = cause.targets.clone();
+                thing.attributes = described.attributes.unwrap_or_default().into_iter().collect();
+                thing.set_related(related::THING_TYPE, described.thing_type_name);
+                let (events, mut dead) = self.complete(vec![thing]).await;
+                match dead.pop() {
+                    Some(letter) => Err(Box::new(letter)),
+                    None => Ok(events),
+                }
+            }
+        }
+    }
+
     /// Completes a batch: each event comes back with what it was missing, after
     /// the certificates and policies it needs (new to this run; the event
     /// itself comes last in what `complete_one` returns). Events that
@@ -105,6 +167,11 @@ impl SourceFetcher {
                                 };
                             }
                         }
+                        // Still a JITR certificate: the run reads it again later.
+                        certificate.set_related(
+                            related::CA_CERTIFICATE,
+                            event.related(related::CA_CERTIFICATE).map(str::to_string),
+                        );
                         certificate.id = event.id;
                         events.push(certificate);
                         Ok(events)
@@ -201,42 +268,6 @@ impl SourceFetcher {
         }
         events.push(certificate);
         Ok(Some(events))
-    }
-}
-
-/// A [`SourceFetcher`] for synchronous callers, with its own runtime.
-pub struct BlockingFetcher {
-    runtime: tokio::runtime::Runtime,
-    fetcher: SourceFetcher,
-}
-
-impl BlockingFetcher {
-    /// Connects to the pipeline's source region.
-    pub fn connect(pipeline: &crate::config::Pipeline) -> Result<BlockingFetcher, AwsError> {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(|e| AwsError::permanent("Runtime", e.to_string()))?;
-        let settings = pipeline.regions.get(&pipeline.source_region).cloned().unwrap_or_default();
-        let clients = runtime.block_on(RegionClients::connect(&pipeline.source_region, &settings, false))?;
-        let apply = &pipeline.apply;
-        let retry = super::rate::RetryPolicy {
-            deadline: apply.retry_deadline,
-            initial_backoff: apply.initial_backoff,
-            max_backoff: apply.max_backoff,
-        };
-        let rates = apply.rate_limits.iter().map(|(k, v)| (k.clone(), *v)).collect();
-        let limiter = Arc::new(Limiter::new(&rates, retry));
-        Ok(BlockingFetcher { runtime, fetcher: SourceFetcher::new(clients, limiter, apply.jitr_policies.clone()) })
-    }
-
-    pub fn complete(&mut self, events: Vec<Event>) -> (Vec<Event>, Vec<DeadLetter>) {
-        self.runtime.block_on(self.fetcher.complete(events))
-    }
-
-    /// The source-region calls made so far.
-    pub fn stats(&self) -> super::CallStats {
-        self.fetcher.limiter.stats()
     }
 }
 

@@ -41,6 +41,7 @@ pub const DEFAULT_RATES: &[(&str, f64)] = &[
     ("AttachThingPrincipal", 100.0),
     ("DetachThingPrincipal", 100.0),
     ("UpdateThingShadow", 400.0),
+    ("GetThingShadow", 400.0),
     ("DeleteThingShadow", 400.0),
     ("UpdateItem", 1000.0),
 ];
@@ -146,7 +147,7 @@ pub struct Limiter {
     fallback: f64,
     buckets: Mutex<HashMap<(String, &'static str), Bucket>>,
     retry: RetryPolicy,
-    stats: Mutex<CallStats>,
+    stats: Mutex<HashMap<(String, &'static str), CallStats>>,
 }
 
 /// What went over the wire.
@@ -175,12 +176,36 @@ impl Limiter {
             fallback: every.unwrap_or(FALLBACK_RATE),
             buckets: Mutex::new(HashMap::new()),
             retry,
-            stats: Mutex::new(CallStats::default()),
+            stats: Mutex::new(HashMap::new()),
         }
     }
 
-    pub fn stats(&self) -> CallStats {
-        self.stats.lock().expect("stats lock").clone()
+    /// What was sent to `regions`, leaving out the operations in `except`.
+    /// The limiter of a run, from its `[apply]` rates and retry settings.
+    pub fn from_config(apply: &crate::config::Apply) -> Limiter {
+        let retry = RetryPolicy {
+            deadline: apply.retry_deadline,
+            initial_backoff: apply.initial_backoff,
+            max_backoff: apply.max_backoff,
+        };
+        let rates = apply.rate_limits.iter().map(|(k, v)| (k.clone(), *v)).collect();
+        Limiter::new(&rates, retry)
+    }
+
+    /// What was sent to `regions`, leaving out the operations in `except`.
+    pub fn stats(&self, regions: &[String], except: &[&str]) -> CallStats {
+        let stats = self.stats.lock().expect("stats lock");
+        let mut total = CallStats::default();
+        for ((region, operation), counts) in stats.iter() {
+            if regions.contains(region) && !except.contains(operation) {
+                total.requests += counts.requests;
+                total.calls += counts.calls;
+                total.throttled += counts.throttled;
+                total.transient_failures += counts.transient_failures;
+                total.deadline_exceeded += counts.deadline_exceeded;
+            }
+        }
+        total
     }
 
     fn bucket<R>(&self, region: &str, operation: &'static str, f: impl FnOnce(&mut Bucket) -> R) -> R {
@@ -225,7 +250,8 @@ impl Limiter {
             let backoff = self.retry.backoff(attempt);
             let in_time = started.elapsed() + backoff < self.retry.deadline;
             let retry = {
-                let mut stats = self.stats.lock().expect("stats lock");
+                let mut all = self.stats.lock().expect("stats lock");
+                let stats = all.entry((region.to_string(), operation)).or_default();
                 stats.requests += 1;
                 match &result {
                     Err(e) if e.retryable() && in_time => {

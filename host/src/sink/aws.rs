@@ -4,7 +4,6 @@
 use super::{Job, JobResult, Sink, SinkError};
 use crate::aws::{
     Applied, Applier, ApplyError, AwsError, CallStats, DependencyWait, GlobalRegistry, Limiter, RegionClients,
-    RetryPolicy,
 };
 use crate::config;
 use crate::state::StateStore;
@@ -14,43 +13,34 @@ use std::sync::Arc;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AwsSinkError {
-    #[error("cannot start the async runtime: {0}")]
-    Runtime(std::io::Error),
     #[error("connecting to {region}: {error}")]
     Connect { region: String, error: AwsError },
 }
 
 pub struct AwsSink {
-    runtime: tokio::runtime::Runtime,
     applier: Applier,
     registry: Option<GlobalRegistry>,
     concurrency: usize,
+    targets: Vec<String>,
 }
 
 impl AwsSink {
-    /// Connects to every target region of the pipeline.
-    pub fn connect(pipeline: &config::Pipeline, state: Arc<StateStore>) -> Result<AwsSink, AwsSinkError> {
-        let runtime =
-            tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(AwsSinkError::Runtime)?;
+    /// Connects to every target region of the pipeline; `limiter` is the
+    /// run's one limiter (one bucket per region and operation).
+    pub async fn connect(
+        pipeline: &config::Pipeline,
+        state: Arc<StateStore>,
+        limiter: Arc<Limiter>,
+    ) -> Result<AwsSink, AwsSinkError> {
         let apply = &pipeline.apply;
-        let regions = runtime.block_on(async {
-            let mut regions = HashMap::new();
-            for region in &pipeline.targets {
-                let settings = pipeline.regions.get(region).cloned().unwrap_or_default();
-                let clients = RegionClients::connect(region, &settings, true)
-                    .await
-                    .map_err(|error| AwsSinkError::Connect { region: region.clone(), error })?;
-                regions.insert(region.clone(), clients);
-            }
-            Ok::<_, AwsSinkError>(regions)
-        })?;
-        let retry = RetryPolicy {
-            deadline: apply.retry_deadline,
-            initial_backoff: apply.initial_backoff,
-            max_backoff: apply.max_backoff,
-        };
-        let rates = apply.rate_limits.iter().map(|(k, v)| (k.clone(), *v)).collect();
-        let limiter = Arc::new(Limiter::new(&rates, retry.clone()));
+        let mut regions = HashMap::new();
+        for region in &pipeline.targets {
+            let settings = pipeline.regions.get(region).cloned().unwrap_or_default();
+            let clients = RegionClients::connect(region, &settings, true)
+                .await
+                .map_err(|error| AwsSinkError::Connect { region: region.clone(), error })?;
+            regions.insert(region.clone(), clients);
+        }
         let wait = DependencyWait { attempts: apply.dependency_attempts, pause: apply.dependency_pause };
         let registry = match &apply.global_registry_table {
             None => None,
@@ -60,43 +50,44 @@ impl AwsSink {
                     Some(clients) => clients.dynamodb.clone(),
                     None => {
                         let settings = pipeline.regions.get(&region).cloned().unwrap_or_default();
-                        runtime
-                            .block_on(RegionClients::connect(&region, &settings, false))
+                        RegionClients::connect(&region, &settings, false)
+                            .await
                             .map_err(|error| AwsSinkError::Connect { region: region.clone(), error })?
                             .dynamodb
                     }
                 };
-                // Its own limiter: registry writes are not target-region IoT calls.
-                let registry_limiter = Arc::new(Limiter::new(&rates, retry.clone()));
-                let registry = GlobalRegistry::new(client, &region, table, registry_limiter);
-                runtime
-                    .block_on(registry.ensure_table())
+                let registry = GlobalRegistry::new(client, &region, table, limiter.clone());
+                registry
+                    .ensure_table()
+                    .await
                     .map_err(|error| AwsSinkError::Connect { region: region.clone(), error })?;
                 Some(registry)
             }
         };
         Ok(AwsSink {
-            runtime,
             applier: Applier::new(regions, limiter, state, wait),
             registry,
             concurrency: apply.concurrency,
+            targets: pipeline.targets.clone(),
         })
     }
 
-    /// Requests sent so far.
+    /// The IoT requests sent to the target regions so far (the global
+    /// registry's DynamoDB writes are counted with their own operation name,
+    /// `UpdateItem`, and left out here).
     pub fn stats(&self) -> CallStats {
-        self.applier.limiter().stats()
+        self.applier.limiter().stats(&self.targets, &["UpdateItem", "DescribeTable", "CreateTable"])
     }
 }
 
 impl Sink for AwsSink {
-    fn apply(&mut self, jobs: &[Job]) -> Result<Vec<JobResult>, SinkError> {
+    async fn apply(&mut self, jobs: &[Job]) -> Result<Vec<JobResult>, SinkError> {
         let levels = crate::order::levels(jobs.iter().map(|j| (j.region.as_str(), &j.event)));
         let mut results: Vec<Option<JobResult>> = vec![None; jobs.len()];
         let top = levels.iter().copied().max().unwrap_or(0);
         let applier = &self.applier;
         let concurrency = self.concurrency;
-        self.runtime.block_on(async {
+        {
             for level in 0..=top {
                 let runs = jobs
                     .iter()
@@ -116,8 +107,7 @@ impl Sink for AwsSink {
             if let Some(registry) = &self.registry {
                 record_in_registry(registry, jobs, &mut results, concurrency).await;
             }
-            Ok(())
-        })?;
+        }
         Ok(results.into_iter().map(|r| r.expect("every level ran")).collect())
     }
 }

@@ -14,7 +14,7 @@ impl<W: Write> DryRun<W> {
 }
 
 impl<W: Write> Sink for DryRun<W> {
-    fn apply(&mut self, jobs: &[Job]) -> Result<Vec<JobResult>, SinkError> {
+    async fn apply(&mut self, jobs: &[Job]) -> Result<Vec<JobResult>, SinkError> {
         for call in jobs.iter().flat_map(|job| &job.calls) {
             writeln!(self.out, "{}", call.to_redacted_json())?;
         }

@@ -36,5 +36,5 @@ pub enum JobResult {
 
 pub trait Sink {
     /// Applies a batch of jobs, in source order where order matters. One result per job.
-    fn apply(&mut self, jobs: &[Job]) -> Result<Vec<JobResult>, SinkError>;
+    fn apply(&mut self, jobs: &[Job]) -> impl Future<Output = Result<Vec<JobResult>, SinkError>>;
 }

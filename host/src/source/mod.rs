@@ -1,9 +1,13 @@
-//! Where raw records come from. Each yields records with their origin; the
-//! decoder turns them into events.
+//! Where raw records come from. Every source yields batches of records with
+//! their origin and the position to resume from once the batch is stored;
+//! the run loop stores the batch, then acknowledges it. One run loop serves
+//! every source.
 
 mod file;
 
 pub use file::FileSource;
+
+use std::future::Future;
 
 /// One raw record and where it came from.
 #[derive(Debug, Clone, PartialEq)]
@@ -11,4 +15,59 @@ pub struct Record {
     pub text: String,
     /// Human-readable origin, e.g. `events.jsonl:12`.
     pub origin: String,
+}
+
+/// What one read of a source gave.
+#[derive(Debug, Default)]
+pub struct Batch {
+    pub records: Vec<Record>,
+    /// (source key, position) pairs to store with the batch: where the source
+    /// resumes after a restart once this batch is stored.
+    pub checkpoints: Vec<(String, String)>,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("source {source_name}: {message}")]
+pub struct SourceError {
+    pub source_name: String,
+    pub message: String,
+}
+
+pub trait Source {
+    /// Up to `max` records that are there now; an empty batch when there are none.
+    fn read(&mut self, max: usize) -> impl Future<Output = Result<Batch, SourceError>>;
+
+    /// Whether the last read found nothing more to give for now (`--until-idle` ends then).
+    fn idle(&self) -> bool;
+
+    /// Everything read so far is stored durably (its checkpoints included):
+    /// sources that acknowledge to their broker do it now.
+    fn acknowledge(&mut self) -> impl Future<Output = Result<(), SourceError>> {
+        async { Ok(()) }
+    }
+}
+
+/// Every source kind, so that the run loop is one generic function.
+pub enum AnySource {
+    File(FileSource),
+}
+
+impl Source for AnySource {
+    async fn read(&mut self, max: usize) -> Result<Batch, SourceError> {
+        match self {
+            AnySource::File(source) => source.read(max).await,
+        }
+    }
+
+    fn idle(&self) -> bool {
+        match self {
+            AnySource::File(source) => source.idle(),
+        }
+    }
+
+    async fn acknowledge(&mut self) -> Result<(), SourceError> {
+        match self {
+            AnySource::File(source) => source.acknowledge().await,
+        }
+    }
 }

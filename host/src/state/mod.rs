@@ -1,8 +1,10 @@
-//! What a run keeps between restarts: dead letters, what exists in the
-//! targets, the ledger of what was applied, and checkpoints (SQLite, `store`).
+//! What a run keeps between restarts, in one SQLite store (`store`): dead
+//! letters, what exists in the targets, the ledger of what was applied, the
+//! ingest queue with the re-reads it scheduled, and source checkpoints.
 
 mod dead_letters;
 pub mod ledger;
+pub mod queue;
 mod store;
 
 pub use dead_letters::{DeadLetter, Step, redacted};

@@ -54,9 +54,26 @@ CREATE TABLE IF NOT EXISTS ledger (
     lifecycle_version INTEGER,
     PRIMARY KEY (region, key)
 );
+CREATE TABLE IF NOT EXISTS in_flight (
+    region TEXT NOT NULL,
+    key TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    PRIMARY KEY (region, key)
+);
 CREATE TABLE IF NOT EXISTS checkpoints (
     source TEXT PRIMARY KEY,
     position TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS queue (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    event TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS rechecks (
+    kind TEXT NOT NULL,
+    name TEXT NOT NULL,
+    due_ms INTEGER NOT NULL,
+    cause TEXT NOT NULL,
+    PRIMARY KEY (kind, name)
 );
 ";
 
@@ -83,6 +100,19 @@ impl StateStore {
                 .map_err(|e| fail(format!("cannot create it: {e}")))?;
         }
         let conn = Connection::open(&path).map_err(|e| fail(e.to_string()))?;
+        StateStore::prepare(path, conn)
+    }
+
+    /// A store that lives in memory only, for runs that change nothing (dry runs).
+    pub fn in_memory() -> Result<StateStore, StateError> {
+        let path = PathBuf::from(":memory:");
+        let conn =
+            Connection::open_in_memory().map_err(|e| StateError { path: path.clone(), message: e.to_string() })?;
+        StateStore::prepare(path, conn)
+    }
+
+    fn prepare(path: PathBuf, conn: Connection) -> Result<StateStore, StateError> {
+        let fail = |message: String| StateError { path: path.clone(), message };
         conn.busy_timeout(std::time::Duration::from_secs(10)).map_err(|e| fail(e.to_string()))?;
         conn.execute_batch(SCHEMA).map_err(|e| fail(e.to_string()))?;
         add_fingerprints(&conn).map_err(|e| fail(e.to_string()))?;
@@ -93,9 +123,13 @@ impl StateStore {
         &self.path
     }
 
-    fn with<T>(&self, f: impl FnOnce(&Connection) -> rusqlite::Result<T>) -> Result<T, StateError> {
+    pub(super) fn with<T>(&self, f: impl FnOnce(&Connection) -> rusqlite::Result<T>) -> Result<T, StateError> {
         let conn = self.conn.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        f(&conn).map_err(|e| StateError { path: self.path.clone(), message: e.to_string() })
+        f(&conn).map_err(|e| self.error(e.to_string()))
+    }
+
+    pub(super) fn error(&self, message: String) -> StateError {
+        StateError { path: self.path.clone(), message }
     }
 
     // ---- dead letters ---------------------------------------------------
@@ -103,16 +137,19 @@ impl StateStore {
     /// Stores a letter; the same event failing at the same place again (a
     /// source read again from its start) updates its letter, keeping its id.
     pub fn add_dead_letter(&self, letter: &DeadLetter) -> Result<i64, StateError> {
-        let json = serde_json::to_string(letter).expect("dead letters are JSON");
-        let fingerprint = letter.fingerprint();
+        self.with(|c| insert_dead_letter(c, letter))
+    }
+
+    /// Replaces letter `id` by `letters` (what its replay failed with; none
+    /// when it went through), in one transaction: a crash keeps one or the other.
+    pub fn replace_dead_letter(&self, id: i64, letters: &[DeadLetter]) -> Result<(), StateError> {
         self.with(|c| {
-            c.execute(
-                "INSERT INTO dead_letters (at_ms, stage, reason, letter, fingerprint) VALUES (?1, ?2, ?3, ?4, ?5)
-                 ON CONFLICT (fingerprint) DO UPDATE
-                 SET at_ms = excluded.at_ms, reason = excluded.reason, letter = excluded.letter",
-                params![letter.at_ms as i64, letter.step.to_string(), letter.reason, json, fingerprint],
-            )?;
-            c.query_row("SELECT id FROM dead_letters WHERE fingerprint = ?1", [&fingerprint], |row| row.get(0))
+            let tx = c.unchecked_transaction()?;
+            tx.execute("DELETE FROM dead_letters WHERE id = ?1", [id])?;
+            for letter in letters {
+                insert_dead_letter(&tx, letter)?;
+            }
+            tx.commit()
         })
     }
 
@@ -124,10 +161,8 @@ impl StateStore {
         })?;
         rows.into_iter()
             .map(|(id, json)| {
-                let letter = read_letter(&json).map_err(|e| StateError {
-                    path: self.path.clone(),
-                    message: format!("dead letter {id} is unreadable: {e}"),
-                })?;
+                let letter =
+                    read_letter(&json).map_err(|e| self.error(format!("dead letter {id} is unreadable: {e}")))?;
                 Ok(StoredDeadLetter { id, letter })
             })
             .collect()
@@ -228,6 +263,7 @@ impl StateStore {
             let old = Self::ledger_entry(c, region, &position.key)?;
             let applied = old.applied.map_or(order, |applied| applied.max(order));
             let lifecycle = if position.lifecycle { old.lifecycle.max(Some(order)) } else { old.lifecycle };
+            c.execute("DELETE FROM in_flight WHERE region = ?1 AND key = ?2", params![region, position.key])?;
             c.execute(
                 "INSERT INTO ledger (region, key, applied_ms, applied_version, lifecycle_ms, lifecycle_version)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6)
@@ -237,6 +273,32 @@ impl StateStore {
                 params![region, position.key, applied.0, applied.1, lifecycle.map(|l| l.0), lifecycle.map(|l| l.1)],
             )
             .map(drop)
+        })
+    }
+
+    /// Notes that a shadow change of `version` is being written to `region`
+    /// (its ledger entry follows once the write succeeded). Found again after
+    /// a crash, it means the write may have been made: the applier looks at
+    /// the target before writing it twice.
+    pub fn mark_in_flight(&self, region: &str, key: &str, version: u64) -> Result<(), StateError> {
+        self.with(|c| {
+            c.execute(
+                "INSERT INTO in_flight (region, key, version) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (region, key) DO UPDATE SET version = excluded.version",
+                params![region, key, version as i64],
+            )
+            .map(drop)
+        })
+    }
+
+    /// The version of a shadow change noted by [`StateStore::mark_in_flight`] and not recorded since.
+    pub fn in_flight(&self, region: &str, key: &str) -> Result<Option<u64>, StateError> {
+        self.with(|c| {
+            c.query_row("SELECT version FROM in_flight WHERE region = ?1 AND key = ?2", params![region, key], |row| {
+                row.get::<_, i64>(0)
+            })
+            .optional()
+            .map(|v| v.map(|v| v as u64))
         })
     }
 
@@ -261,6 +323,11 @@ impl StateStore {
         })
     }
 
+    /// Forgets where `source` was: it starts from its beginning (`--from-start`).
+    pub fn remove_checkpoint(&self, source: &str) -> Result<(), StateError> {
+        self.with(|c| c.execute("DELETE FROM checkpoints WHERE source = ?1", [source]).map(drop))
+    }
+
     pub fn set_checkpoint(&self, source: &str, position: &str) -> Result<(), StateError> {
         self.with(|c| {
             c.execute(
@@ -271,6 +338,20 @@ impl StateStore {
             .map(drop)
         })
     }
+}
+
+/// Stores a letter; the same event failing at the same place again (a
+/// source read again from its start) updates its letter, keeping its id.
+pub(super) fn insert_dead_letter(c: &Connection, letter: &DeadLetter) -> rusqlite::Result<i64> {
+    let json = serde_json::to_string(letter).expect("dead letters are JSON");
+    let fingerprint = letter.fingerprint();
+    c.prepare_cached(
+        "INSERT INTO dead_letters (at_ms, stage, reason, letter, fingerprint) VALUES (?1, ?2, ?3, ?4, ?5)
+         ON CONFLICT (fingerprint) DO UPDATE
+         SET at_ms = excluded.at_ms, reason = excluded.reason, letter = excluded.letter",
+    )?
+    .execute(params![letter.at_ms as i64, letter.step.to_string(), letter.reason, json, fingerprint])?;
+    c.query_row("SELECT id FROM dead_letters WHERE fingerprint = ?1", [&fingerprint], |row| row.get(0))
 }
 
 /// A stored letter. Letters written before steps were typed name theirs in

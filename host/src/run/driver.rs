@@ -1,0 +1,273 @@
+//! The loop of `iotdr run`. Two halves run concurrently on the one runtime:
+//!
+//! - **ingest** reads a batch from the source, decodes it, completes it from
+//!   the source region, and stores it in the state store's queue with the
+//!   source's new position and the batch's dead letters, in one transaction;
+//!   only then is the source acknowledged. It also re-reads, once they are
+//!   due, the things and certificates it was asked to look at again.
+//! - **apply** drains the queue in order: stages, plan, sink; what it
+//!   finished leaves the queue together with its dead letters.
+//!
+//! The queue is the back-pressure: ingest waits while it holds
+//! `queue_limit` events, so memory stays flat however long the backlog, and
+//! a backlog read before a source outage is still applied during it.
+
+use super::{RunError, Summary, apply_events};
+use crate::aws::SourceFetcher;
+use crate::config;
+use crate::context::ThingContext;
+use crate::event::{Entity, Event, Operation, decode_line, related};
+use crate::pipeline::Pipeline;
+use crate::sink::Sink;
+use crate::source::Source;
+use crate::state::queue::{Ingested, Recheck};
+use crate::state::{DeadLetter, StateStore};
+use std::cell::Cell;
+use std::time::Duration;
+use tokio::sync::Notify;
+
+pub struct Options {
+    /// Stop once the source has nothing more (and every re-read is done)
+    /// instead of waiting for more.
+    pub until_idle: bool,
+    /// How long to wait before reading an idle source again.
+    pub poll_interval: Duration,
+    /// Re-read things and JITR certificates from the source this long after an
+    /// event about them: AWS publishes no event when a certificate is
+    /// activated or a principal attached. `None`: never.
+    pub recheck_after: Option<Duration>,
+    /// Ingest waits while the queue holds this many events.
+    pub queue_limit: u64,
+}
+
+/// What the two halves tell each other.
+#[derive(Default)]
+struct Signals {
+    queued: Notify,
+    drained: Notify,
+    ingest_done: Cell<bool>,
+}
+
+/// Runs `pipeline` from `source` until the source is idle (or forever when following).
+#[allow(clippy::too_many_arguments)]
+pub async fn run<S: Source, K: Sink>(
+    config: &config::Pipeline,
+    store: &StateStore,
+    source: &mut S,
+    fetcher: Option<&SourceFetcher>,
+    pipeline: &mut Pipeline,
+    sink: &mut K,
+    options: &Options,
+    report: &dyn Fn(&DeadLetter),
+) -> Result<Summary, RunError> {
+    let signals = Signals::default();
+    let ingest = Ingest { config, store, fetcher, options, signals: &signals, report };
+    let apply = Apply { config, store, signals: &signals, report };
+    let (mut ingested, applied) = futures_util::future::try_join(ingest.run(source), apply.run(pipeline, sink)).await?;
+    ingested.add(applied);
+    Ok(ingested)
+}
+
+struct Ingest<'a> {
+    config: &'a config::Pipeline,
+    store: &'a StateStore,
+    fetcher: Option<&'a SourceFetcher>,
+    options: &'a Options,
+    signals: &'a Signals,
+    report: &'a dyn Fn(&DeadLetter),
+}
+
+impl Ingest<'_> {
+    async fn run<S: Source>(&self, source: &mut S) -> Result<Summary, RunError> {
+        let mut summary = Summary::default();
+        let mut context = ThingContext::default();
+        loop {
+            while self.store.queue_len()? >= self.options.queue_limit {
+                self.signals.drained.notified().await;
+            }
+            self.recheck_due(&mut summary).await?;
+            let batch = source.read(self.config.batch_size).await?;
+            if batch.records.is_empty() {
+                if self.options.until_idle && source.idle() {
+                    match self.store.next_recheck_ms()? {
+                        None => break,
+                        Some(due) => {
+                            let wait = Duration::from_millis(due.saturating_sub(now_ms()));
+                            tokio::time::sleep(wait.min(self.options.poll_interval)).await;
+                            continue;
+                        }
+                    }
+                }
+                tokio::time::sleep(self.options.poll_interval).await;
+                continue;
+            }
+            summary.records += batch.records.len() as u64;
+            let mut events = Vec::with_capacity(batch.records.len());
+            let mut dead = Vec::new();
+            for record in batch.records {
+                match decode_line(&record.text, &self.config.source_region) {
+                    Ok(mut event) => {
+                        context.enrich(&mut event);
+                        events.push(event);
+                    }
+                    Err(e) => dead.push(DeadLetter::for_record(e.to_string(), &record.text, record.origin)),
+                }
+            }
+            let mut rechecks = Vec::new();
+            if let Some(fetcher) = self.fetcher {
+                let (completed, failed) = fetcher.complete(events).await;
+                dead.extend(failed);
+                events = completed;
+                if let Some(after) = self.options.recheck_after {
+                    rechecks = rechecks_for(&events, now_ms(), after.as_millis() as u64);
+                }
+            }
+            self.store.ingest(&Ingested {
+                events: &events,
+                dead_letters: &dead,
+                checkpoints: &batch.checkpoints,
+                rechecks: &rechecks,
+            })?;
+            self.reported(&dead, &mut summary);
+            source.acknowledge().await?;
+            self.signals.queued.notify_one();
+        }
+        self.signals.ingest_done.set(true);
+        self.signals.queued.notify_one();
+        Ok(summary)
+    }
+
+    /// Re-reads what is due from the source and queues what it found.
+    async fn recheck_due(&self, summary: &mut Summary) -> Result<(), RunError> {
+        let Some(fetcher) = self.fetcher else { return Ok(()) };
+        loop {
+            let due = self.store.due_rechecks(now_ms(), self.config.batch_size)?;
+            if due.is_empty() {
+                return Ok(());
+            }
+            let mut events = Vec::new();
+            let mut dead = Vec::new();
+            for recheck in &due {
+                match fetcher.reread(&recheck.kind, &recheck.name, &recheck.cause).await {
+                    Ok(found) => events.extend(found),
+                    Err(letter) => dead.push(*letter),
+                }
+            }
+            self.store.rechecked(&due, &events, &dead)?;
+            summary.rechecks += due.len() as u64;
+            self.reported(&dead, summary);
+            self.signals.queued.notify_one();
+        }
+    }
+
+    fn reported(&self, dead: &[DeadLetter], summary: &mut Summary) {
+        for letter in dead {
+            (self.report)(letter);
+        }
+        summary.dead_letters += dead.len() as u64;
+    }
+}
+
+/// The re-reads a batch asks for: every thing created or updated (its
+/// principals may be attached after the event), every certificate a JITR
+/// event announced (it is activated after it) and every certificate a thing
+/// event named (its status may have changed without an event). Each is due
+/// `after_ms` after its event. An event older than that (a backlog) needs
+/// none: the read at ingest, made now, already came that long after it; so
+/// does an event without a time.
+fn rechecks_for(events: &[Event], now_ms: u64, after_ms: u64) -> Vec<Recheck> {
+    let mut rechecks: Vec<Recheck> = Vec::new();
+    let mut add = |kind: &str, name: &str, cause: &Event| {
+        let due_ms = cause.timestamp_ms.saturating_add(after_ms);
+        if cause.timestamp_ms == 0 || due_ms <= now_ms {
+            return;
+        }
+        rechecks.retain(|r| !(r.kind == kind && r.name == name));
+        rechecks.push(Recheck { kind: kind.into(), name: name.into(), due_ms, cause: cause.clone() });
+    };
+    for event in events {
+        match (event.entity, event.operation) {
+            (Entity::Thing, Operation::Created | Operation::Updated) => {
+                add("thing", &event.name, event);
+                for (kind, principal) in &event.related {
+                    if kind == related::PRINCIPAL {
+                        add("certificate", principal, event);
+                    }
+                }
+            }
+            (Entity::Certificate, Operation::Created) if event.related(related::CA_CERTIFICATE).is_some() => {
+                add("certificate", &event.name, event);
+            }
+            _ => {}
+        }
+    }
+    rechecks
+}
+
+struct Apply<'a> {
+    config: &'a config::Pipeline,
+    store: &'a StateStore,
+    signals: &'a Signals,
+    report: &'a dyn Fn(&DeadLetter),
+}
+
+impl Apply<'_> {
+    async fn run<K: Sink>(&self, pipeline: &mut Pipeline, sink: &mut K) -> Result<Summary, RunError> {
+        let mut summary = Summary::default();
+        loop {
+            // Read "done" first: what ingest stored before saying so is in the queue then.
+            let ingest_done = self.signals.ingest_done.get();
+            let queued = self.store.queued(0, self.config.batch_size)?;
+            let Some(&(through, _)) = queued.last() else {
+                if ingest_done {
+                    return Ok(summary);
+                }
+                self.signals.queued.notified().await;
+                continue;
+            };
+            let events = queued.into_iter().map(|(_, event)| event).collect();
+            // A halt leaves the batch in the queue: the next run applies it first.
+            let dead = apply_events(self.config, pipeline, sink, 0, events, &mut summary).await?;
+            self.store.applied(through, &dead)?;
+            for letter in &dead {
+                (self.report)(letter);
+            }
+            summary.dead_letters += dead.len() as u64;
+            self.signals.drained.notify_one();
+        }
+    }
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn things_and_jitr_certificates_are_looked_at_again_once_each() {
+        let at = |entity, operation, name: &str, ms| {
+            let mut event = Event::new(entity, operation, name);
+            event.timestamp_ms = ms;
+            event
+        };
+        let mut thing = at(Entity::Thing, Operation::Created, "t", 1_000);
+        thing.related.push((related::PRINCIPAL.into(), "c1".into()));
+        let mut updated = thing.clone();
+        updated.operation = Operation::Updated;
+        updated.timestamp_ms = 1_500;
+        let mut jitr = at(Entity::Certificate, Operation::Created, "c2", 1_000);
+        jitr.set_related(related::CA_CERTIFICATE, Some("ca".into()));
+        let fetched = at(Entity::Certificate, Operation::Created, "c3", 1_000);
+        let shadow = at(Entity::Shadow, Operation::Updated, "t", 1_000);
+        let old = at(Entity::Thing, Operation::Created, "backlog", 10);
+        let untimed = at(Entity::Thing, Operation::Created, "untimed", 0);
+        let rechecks = rechecks_for(&[thing, updated, jitr, fetched, shadow, old, untimed], 1_200, 500);
+        let names: Vec<(&str, &str)> = rechecks.iter().map(|r| (r.kind.as_str(), r.name.as_str())).collect();
+        assert_eq!(names, [("thing", "t"), ("certificate", "c1"), ("certificate", "c2")]);
+        assert_eq!(rechecks[0].cause.operation, Operation::Updated, "the latest event about it is the cause");
+        assert_eq!(rechecks[0].due_ms, 2_000, "due a while after its event");
+    }
+}

@@ -1,0 +1,150 @@
+//! Running a pipeline: `driver` is the loop of `iotdr run` (ingest from the
+//! source into the state store's queue, apply from the queue, concurrently),
+//! `replay` sends dead letters back in. Both hand decoded events to
+//! [`apply_events`]: stages, plan, sink.
+
+mod driver;
+mod replay;
+
+pub use driver::{Options, run};
+pub use replay::{ReplayReport, replay};
+
+use crate::config;
+use crate::event::{Entity, Event};
+use crate::pipeline::{Halted, Pipeline};
+use crate::plan::plan;
+use crate::sink::{Job, JobResult, Sink, SinkError};
+use crate::source::SourceError;
+use crate::state::{DeadLetter, StateError, Step};
+use serde::Serialize;
+use std::collections::BTreeMap;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Source(#[from] SourceError),
+    #[error(transparent)]
+    Halted(#[from] Halted),
+    #[error(transparent)]
+    Sink(#[from] SinkError),
+    #[error(transparent)]
+    State(#[from] StateError),
+}
+
+/// Counts of what a run did.
+#[derive(Debug, Default, Clone, PartialEq, Serialize)]
+pub struct Summary {
+    pub records: u64,
+    /// Events that reached at least one target, per entity.
+    pub applied: BTreeMap<String, u64>,
+    /// Changes made: applied events counted once per target region.
+    pub changes: u64,
+    /// Planned calls of the applied changes (what a dry run prints).
+    pub calls: u64,
+    pub dropped: u64,
+    /// Events of entities `apply.replicate` leaves out.
+    pub not_replicated: u64,
+    pub skipped_stages: u64,
+    /// Changes older than what the target already had (the ledger): skipped.
+    pub stale: u64,
+    pub dead_letters: u64,
+    /// Second reads of things and certificates from the source (see `Options::recheck_after`).
+    pub rechecks: u64,
+}
+
+impl Summary {
+    pub fn applied_events(&self) -> u64 {
+        self.applied.values().sum()
+    }
+
+    fn add(&mut self, other: Summary) {
+        self.records += other.records;
+        for (entity, count) in other.applied {
+            *self.applied.entry(entity).or_default() += count;
+        }
+        self.changes += other.changes;
+        self.calls += other.calls;
+        self.dropped += other.dropped;
+        self.not_replicated += other.not_replicated;
+        self.skipped_stages += other.skipped_stages;
+        self.stale += other.stale;
+        self.dead_letters += other.dead_letters;
+        self.rechecks += other.rechecks;
+    }
+}
+
+/// Runs decoded events through the stages from `first_stage` on, plans them
+/// and applies them; returns the dead letters of the batch.
+pub async fn apply_events<S: Sink>(
+    config: &config::Pipeline,
+    pipeline: &mut Pipeline,
+    sink: &mut S,
+    first_stage: usize,
+    events: Vec<Event>,
+    summary: &mut Summary,
+) -> Result<Vec<DeadLetter>, RunError> {
+    let mut dead = Vec::new();
+    let processed = pipeline.process_from(first_stage, events)?;
+    summary.dropped += processed.dropped.len() as u64;
+    summary.skipped_stages += processed.skipped as u64;
+    dead.extend(processed.dead_letters);
+    let mut jobs = Vec::new();
+    for event in processed.events {
+        if !config.apply.replicate.contains(&event.entity) {
+            summary.not_replicated += 1;
+            continue;
+        }
+        if event.targets.is_empty() {
+            // A router chose no region: as good as dropped.
+            tracing::debug!(event = %event.id, "no target region left; not applied");
+            summary.dropped += 1;
+            continue;
+        }
+        for region in &event.targets {
+            // A stage may name any region; only the pipeline's targets are written to.
+            if !config.targets.contains(region) {
+                let reason =
+                    format!("target {region} is not one of the pipeline's targets ({})", config.targets.join(", "));
+                dead.push(DeadLetter::for_event(Step::Plan, reason, for_region(&event, region)));
+                continue;
+            }
+            match plan(&event, region) {
+                Ok(calls) => jobs.push(Job { event: event.clone(), region: region.clone(), calls }),
+                Err(e) => {
+                    dead.push(DeadLetter::for_event(Step::Plan, format!("{region}: {e}"), for_region(&event, region)))
+                }
+            }
+        }
+    }
+    let results = sink.apply(&jobs).await?;
+    let mut applied_ids = std::collections::HashSet::new();
+    for (job, result) in jobs.into_iter().zip(results) {
+        match result {
+            JobResult::Applied => {
+                summary.changes += 1;
+                summary.calls += job.calls.len() as u64;
+                if applied_ids.insert((job.event.id.clone(), job.event.name.clone(), job.event.entity)) {
+                    *summary.applied.entry(entity_key(job.event.entity)).or_default() += 1;
+                }
+            }
+            JobResult::Stale => summary.stale += 1,
+            JobResult::Failed(reason) => {
+                let mut event = job.event;
+                // A replay retries this region only; the others have it.
+                event.targets = vec![job.region.clone()];
+                dead.push(DeadLetter::for_event(Step::Apply, format!("{}: {reason}", job.region), event));
+            }
+        }
+    }
+    Ok(dead)
+}
+
+fn for_region(event: &Event, region: &str) -> Event {
+    let mut event = event.clone();
+    event.targets = vec![region.to_string()];
+    event
+}
+
+fn entity_key(entity: Entity) -> String {
+    entity.as_str().to_string()
+}
