@@ -8,35 +8,13 @@ use aws_sdk_iot::types::CertificateStatus;
 use common::faults::FaultProxy;
 use common::fleet::seed;
 use common::moto::Moto;
-use common::region_state::region_state;
+use common::region_state::{assert_same, region_state, without_shadow_versions};
 use common::runner::Run;
 use serde_json::{Value, json};
 
 const SOURCE: &str = "us-east-1";
 const TARGET: &str = "eu-west-1";
 const THINGS: usize = 200;
-
-/// Shadow versions depend on how often an update reached the region: a
-/// dropped answer retried counts twice. Compare states without them.
-fn without_shadow_versions(mut state: Value) -> Value {
-    for thing in state["things"].as_object_mut().unwrap().values_mut() {
-        for shadow in thing["shadows"].as_object_mut().unwrap().values_mut() {
-            shadow.as_object_mut().unwrap().remove("version");
-        }
-    }
-    state
-}
-
-fn assert_same(source: &Value, target: &Value) {
-    for part in ["types", "groups", "policies", "certificates", "billing_groups"] {
-        assert_eq!(source[part], target[part], "{part} differ");
-    }
-    let (from, to) = (source["things"].as_object().unwrap(), target["things"].as_object().unwrap());
-    assert_eq!(from.len(), to.len(), "thing counts differ");
-    for (name, thing) in from {
-        assert_eq!(Some(thing), to.get(name), "thing {name} differs");
-    }
-}
 
 #[tokio::test]
 async fn a_generated_fleet_arrives_field_by_field() {

@@ -90,13 +90,27 @@ pub enum Source {
     File {
         path: PathBuf,
     },
+    /// The stream of the table an IoT topic rule fills with events.
     DynamodbStream {
         table: String,
+        /// Where a shard without a checkpoint starts.
+        start: StreamStart,
     },
     Mqtt {
         topics: Vec<String>,
     },
     Scan,
+}
+
+/// Where a stream shard without a checkpoint is read from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum StreamStart {
+    /// The oldest record the stream still holds (24 hours on AWS).
+    #[default]
+    TrimHorizon,
+    /// Only what arrives after the run starts.
+    Latest,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -195,9 +209,17 @@ struct RawRegion {
 #[derive(Deserialize)]
 #[serde(tag = "kind", rename_all = "kebab-case", deny_unknown_fields)]
 enum RawSource {
-    File { path: String },
-    DynamodbStream { table: String },
-    Mqtt { topics: Vec<String> },
+    File {
+        path: String,
+    },
+    DynamodbStream {
+        table: String,
+        #[serde(default)]
+        start: StreamStart,
+    },
+    Mqtt {
+        topics: Vec<String>,
+    },
     Scan {},
 }
 
@@ -333,7 +355,12 @@ impl Pipeline {
                 }
                 Source::File { path: resolved }
             }
-            RawSource::DynamodbStream { table } => Source::DynamodbStream { table },
+            RawSource::DynamodbStream { table, start } => {
+                if table.is_empty() {
+                    return Err(at(source_span, "source.table cannot be empty".into()));
+                }
+                Source::DynamodbStream { table, start }
+            }
             RawSource::Mqtt { topics } => Source::Mqtt { topics },
             RawSource::Scan {} => Source::Scan,
         };

@@ -2,14 +2,14 @@
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
-use iotdr::aws::{Limiter, SourceFetcher};
+use iotdr::aws::{Limiter, RegionClients, SourceFetcher};
 use iotdr::config::Pipeline as PipelineConfig;
 use iotdr::event::{Event, decode_line};
 use iotdr::pipeline::Pipeline;
 use iotdr::plugin::{Fate, PluginEngine, StageLimits, StageRunner};
 use iotdr::run::{Options, replay, run};
 use iotdr::sink::{AwsSink, DryRun};
-use iotdr::source::{AnySource, FileSource};
+use iotdr::source::{AnySource, DynamodbStream, FileSource};
 use iotdr::state::{DeadLetter, StateStore, Step};
 use std::io::Write;
 use std::path::PathBuf;
@@ -139,6 +139,41 @@ fn main() -> ExitCode {
     }
 }
 
+/// The pipeline's source, at its checkpoint (or its start, `from_start`).
+async fn open_source(
+    config: &PipelineConfig,
+    state: &StateStore,
+    limiter: &Arc<Limiter>,
+    from_start: bool,
+    until_idle: bool,
+) -> Result<AnySource> {
+    match &config.source {
+        iotdr::config::Source::File { path } => {
+            let key = FileSource::checkpoint_key(path);
+            if from_start {
+                state.remove_checkpoints(&key)?;
+            }
+            let checkpoint = state.checkpoint(&key)?;
+            let file = FileSource::open(path, checkpoint.as_deref(), until_idle)
+                .with_context(|| format!("opening {}", path.display()))?;
+            Ok(AnySource::File(file))
+        }
+        iotdr::config::Source::DynamodbStream { table, start } => {
+            let prefix = DynamodbStream::checkpoint_prefix(table);
+            if from_start {
+                state.remove_checkpoints(&prefix)?;
+            }
+            let settings = config.regions.get(&config.source_region).cloned().unwrap_or_default();
+            let clients = RegionClients::connect(&config.source_region, &settings, false)
+                .await
+                .map_err(|e| anyhow::anyhow!("connecting to the source region {}: {e}", config.source_region))?;
+            let stream = DynamodbStream::new(table, clients, limiter.clone(), *start, state.checkpoints(&prefix)?);
+            Ok(AnySource::DynamodbStream(Box::new(stream)))
+        }
+        other => bail!("the {other:?} source is not available in this version"),
+    }
+}
+
 fn engine(cache_dir: Option<PathBuf>) -> Result<PluginEngine> {
     PluginEngine::new(cache_dir.or_else(PluginEngine::default_cache_dir))
         .map_err(|e| anyhow::anyhow!("{e}"))
@@ -164,9 +199,12 @@ async fn execute(cli: Cli) -> Result<ExitCode> {
         }
         Command::Run { pipeline, dry_run, until_idle, fetch, from_start } => {
             let config = PipelineConfig::load(&pipeline)?;
-            let iotdr::config::Source::File { path } = &config.source else {
-                bail!("{}: only the `file` source is available in this version", pipeline.display());
-            };
+            if matches!(config.source, iotdr::config::Source::Mqtt { .. } | iotdr::config::Source::Scan) {
+                bail!(
+                    "{}: only the `file` and `dynamodb-stream` sources are available in this version",
+                    pipeline.display()
+                );
+            }
             let engine = engine(cli.cache_dir)?;
             let mut built = Pipeline::build(&config, &engine)?;
             // One limiter for the run: one bucket per region and operation,
@@ -182,14 +220,7 @@ async fn execute(cli: Cli) -> Result<ExitCode> {
                 };
             // A dry run changes nothing: its queue and positions live in memory.
             let state = Arc::new(if dry_run { StateStore::in_memory()? } else { StateStore::open(&config.state_dir)? });
-            let key = FileSource::checkpoint_key(path);
-            if from_start {
-                state.remove_checkpoint(&key)?;
-            }
-            let checkpoint = state.checkpoint(&key)?;
-            let file = FileSource::open(path, checkpoint.as_deref(), until_idle)
-                .with_context(|| format!("opening {}", path.display()))?;
-            let mut source = AnySource::File(file);
+            let mut source = open_source(&config, &state, &limiter, from_start, until_idle).await?;
             let options = Options {
                 until_idle,
                 poll_interval: Duration::from_millis(200),

@@ -49,6 +49,10 @@ impl Moto {
         aws_sdk_iotdataplane::Client::new(&self.sdk_config(region).await)
     }
 
+    pub async fn dynamodb(&self, region: &str) -> aws_sdk_dynamodb::Client {
+        aws_sdk_dynamodb::Client::new(&self.sdk_config(region).await)
+    }
+
     /// Environment for an `iotdr` process that talks to this server.
     pub fn env(&self) -> Vec<(&'static str, String)> {
         vec![

@@ -96,6 +96,16 @@ impl Run {
         std::fs::read_to_string(self.dir.path().join("run.log")).unwrap_or_default()
     }
 
+    /// Makes the pipeline read the stream of `table` (in the source region) instead of its file.
+    pub fn read_stream(&self, table: &str) {
+        let text = std::fs::read_to_string(&self.pipeline).unwrap();
+        let from = text.lines().find(|l| l.starts_with("path = ")).expect("a file source").to_string();
+        let text = text
+            .replace(&from, &format!("table = \"{table}\""))
+            .replace("kind = \"file\"", "kind = \"dynamodb-stream\"");
+        std::fs::write(&self.pipeline, text).unwrap();
+    }
+
     /// Points the pipeline's file source at a new file `name` holding `events`.
     pub fn read_next(&self, name: &str, events: &[String]) {
         std::fs::write(self.dir.path().join(name), events.join("\n") + "\n").unwrap();

@@ -16,6 +16,8 @@ pub struct RegionClients {
     pub iot: aws_sdk_iot::Client,
     pub data: aws_sdk_iotdataplane::Client,
     pub dynamodb: aws_sdk_dynamodb::Client,
+    /// DynamoDB Streams: the `dynamodb-stream` source reads its table's stream.
+    pub streams: aws_sdk_dynamodbstreams::Client,
 }
 
 impl RegionClients {
@@ -47,6 +49,7 @@ impl RegionClients {
         let shared = loader.load().await;
         let iot = aws_sdk_iot::Client::new(&shared);
         let dynamodb = aws_sdk_dynamodb::Client::new(&shared);
+        let streams = aws_sdk_dynamodbstreams::Client::new(&shared);
 
         let data_endpoint = match (&settings.data_endpoint_url, &settings.endpoint_url) {
             (Some(url), _) | (None, Some(url)) => Some(url.clone()),
@@ -70,6 +73,6 @@ impl RegionClients {
             data_config = data_config.endpoint_url(url);
         }
         let data = aws_sdk_iotdataplane::Client::from_conf(data_config.build());
-        Ok(RegionClients { region: region.to_string(), iot, data, dynamodb })
+        Ok(RegionClients { region: region.to_string(), iot, data, dynamodb, streams })
     }
 }

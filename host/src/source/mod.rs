@@ -3,8 +3,10 @@
 //! the run loop stores the batch, then acknowledges it. One run loop serves
 //! every source.
 
+mod dynamodb_stream;
 mod file;
 
+pub use dynamodb_stream::{DynamodbStream, ShardGraph};
 pub use file::FileSource;
 
 use std::future::Future;
@@ -50,24 +52,28 @@ pub trait Source {
 /// Every source kind, so that the run loop is one generic function.
 pub enum AnySource {
     File(FileSource),
+    DynamodbStream(Box<DynamodbStream>),
 }
 
 impl Source for AnySource {
     async fn read(&mut self, max: usize) -> Result<Batch, SourceError> {
         match self {
             AnySource::File(source) => source.read(max).await,
+            AnySource::DynamodbStream(source) => source.read(max).await,
         }
     }
 
     fn idle(&self) -> bool {
         match self {
             AnySource::File(source) => source.idle(),
+            AnySource::DynamodbStream(source) => source.idle(),
         }
     }
 
     async fn acknowledge(&mut self) -> Result<(), SourceError> {
         match self {
             AnySource::File(source) => source.acknowledge().await,
+            AnySource::DynamodbStream(source) => source.acknowledge().await,
         }
     }
 }

@@ -323,9 +323,20 @@ impl StateStore {
         })
     }
 
-    /// Forgets where `source` was: it starts from its beginning (`--from-start`).
-    pub fn remove_checkpoint(&self, source: &str) -> Result<(), StateError> {
-        self.with(|c| c.execute("DELETE FROM checkpoints WHERE source = ?1", [source]).map(drop))
+    /// Forgets where the sources whose keys start with `prefix` were: they
+    /// start from their beginning (`--from-start`).
+    pub fn remove_checkpoints(&self, prefix: &str) -> Result<(), StateError> {
+        self.with(|c| c.execute("DELETE FROM checkpoints WHERE substr(source, 1, length(?1)) = ?1", [prefix]).map(drop))
+    }
+
+    /// Every checkpoint whose key starts with `prefix` (the shards of one stream).
+    pub fn checkpoints(&self, prefix: &str) -> Result<std::collections::HashMap<String, String>, StateError> {
+        self.with(|c| {
+            let mut statement =
+                c.prepare("SELECT source, position FROM checkpoints WHERE substr(source, 1, length(?1)) = ?1")?;
+            let rows = statement.query_map([prefix], |row| Ok((row.get(0)?, row.get(1)?)))?;
+            rows.collect()
+        })
     }
 
     pub fn set_checkpoint(&self, source: &str, position: &str) -> Result<(), StateError> {
