@@ -8,6 +8,8 @@ cargo fmt --all --check
 # The AWS tests start their own moto servers; install it once up front.
 say "installing the moto AWS emulator"
 bash "$ROOT/scripts/moto.sh" install
+# The MQTT tests start their own mosquitto brokers (Debian's package).
+bash "$ROOT/scripts/mosquitto.sh" install
 say "cargo clippy"
 cargo clippy --quiet --workspace --all-targets -- -D warnings
 say "cargo test"

@@ -135,7 +135,7 @@ fn run_refuses_a_source_it_cannot_read_yet() {
     });
     let out = iotdr(&["run", path.to_str().unwrap(), "--until-idle"], dir.path());
     assert_eq!(out.status.code(), Some(1));
-    assert!(text(&out.stderr).contains("only the `file` and `dynamodb-stream` sources"), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("the `scan` source is not available"), "{}", text(&out.stderr));
 }
 
 #[test]

@@ -96,9 +96,8 @@ pub enum Source {
         /// Where a shard without a checkpoint starts.
         start: StreamStart,
     },
-    Mqtt {
-        topics: Vec<String>,
-    },
+    /// The source region's MQTT endpoint, subscribed to directly.
+    Mqtt(crate::source::MqttSettings),
     Scan,
 }
 
@@ -218,7 +217,12 @@ enum RawSource {
         start: StreamStart,
     },
     Mqtt {
-        topics: Vec<String>,
+        endpoint: String,
+        ca: String,
+        certificate: String,
+        private_key: String,
+        client_id: String,
+        topics: Option<Vec<String>>,
     },
     Scan {},
 }
@@ -361,7 +365,38 @@ impl Pipeline {
                 }
                 Source::DynamodbStream { table, start }
             }
-            RawSource::Mqtt { topics } => Source::Mqtt { topics },
+            RawSource::Mqtt { endpoint, ca, certificate, private_key, client_id, topics } => {
+                if !endpoint
+                    .rsplit_once(':')
+                    .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok())
+                {
+                    return Err(at(source_span, format!("source.endpoint `{endpoint}` is not host:port")));
+                }
+                if client_id.is_empty() {
+                    return Err(at(source_span, "source.client_id cannot be empty".into()));
+                }
+                let file = |key: &str, path: &str| {
+                    let resolved = base.join(path);
+                    if resolved.is_file() {
+                        Ok(resolved)
+                    } else {
+                        Err(at(source_span.clone(), format!("source.{key}: file not found: {}", resolved.display())))
+                    }
+                };
+                let settings = crate::source::MqttSettings {
+                    ca: file("ca", &ca)?,
+                    certificate: file("certificate", &certificate)?,
+                    private_key: file("private_key", &private_key)?,
+                    endpoint,
+                    client_id,
+                    topics: topics
+                        .unwrap_or_else(|| crate::source::MQTT_DEFAULT_TOPICS.iter().map(|t| t.to_string()).collect()),
+                };
+                if settings.topics.is_empty() {
+                    return Err(at(source_span, "source.topics cannot be empty".into()));
+                }
+                Source::Mqtt(settings)
+            }
             RawSource::Scan {} => Source::Scan,
         };
 

@@ -2,6 +2,7 @@
 //! engine with a compile cache that outlives one test, and event builders.
 #![allow(dead_code)] // each test file uses a different part of this
 
+pub mod broker;
 pub mod faults;
 pub mod fleet;
 pub mod moto;

@@ -106,6 +106,14 @@ impl Run {
         std::fs::write(&self.pipeline, text).unwrap();
     }
 
+    /// Replaces the pipeline's `[source]` table by `table` (its lines).
+    pub fn read_source(&self, table: &str) {
+        let text = std::fs::read_to_string(&self.pipeline).unwrap();
+        let start = text.find("[source]\n").expect("a source table") + "[source]\n".len();
+        let end = start + text[start..].find("\n[").expect("a table after the source");
+        std::fs::write(&self.pipeline, format!("{}{table}{}", &text[..start], &text[end..])).unwrap();
+    }
+
     /// Points the pipeline's file source at a new file `name` holding `events`.
     pub fn read_next(&self, name: &str, events: &[String]) {
         std::fs::write(self.dir.path().join(name), events.join("\n") + "\n").unwrap();

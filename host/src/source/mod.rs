@@ -5,9 +5,11 @@
 
 mod dynamodb_stream;
 mod file;
+mod mqtt;
 
 pub use dynamodb_stream::{DynamodbStream, ShardGraph};
 pub use file::FileSource;
+pub use mqtt::{DEFAULT_TOPICS as MQTT_DEFAULT_TOPICS, MqttSettings, MqttSource};
 
 use std::future::Future;
 
@@ -53,6 +55,7 @@ pub trait Source {
 pub enum AnySource {
     File(FileSource),
     DynamodbStream(Box<DynamodbStream>),
+    Mqtt(Box<MqttSource>),
 }
 
 impl Source for AnySource {
@@ -60,6 +63,7 @@ impl Source for AnySource {
         match self {
             AnySource::File(source) => source.read(max).await,
             AnySource::DynamodbStream(source) => source.read(max).await,
+            AnySource::Mqtt(source) => source.read(max).await,
         }
     }
 
@@ -67,6 +71,7 @@ impl Source for AnySource {
         match self {
             AnySource::File(source) => source.idle(),
             AnySource::DynamodbStream(source) => source.idle(),
+            AnySource::Mqtt(source) => source.idle(),
         }
     }
 
@@ -74,6 +79,7 @@ impl Source for AnySource {
         match self {
             AnySource::File(source) => source.acknowledge().await,
             AnySource::DynamodbStream(source) => source.acknowledge().await,
+            AnySource::Mqtt(source) => source.acknowledge().await,
         }
     }
 }
