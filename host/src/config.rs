@@ -695,6 +695,33 @@ mod tests {
     }
 
     #[test]
+    fn an_mqtt_source_names_what_is_wrong_and_defaults_its_topics() {
+        let dir = tempfile::tempdir().unwrap();
+        for name in ["ca.pem", "cert.pem", "key.pem"] {
+            std::fs::write(dir.path().join(name), "-").unwrap();
+        }
+        let file = |source: &str| {
+            format!(
+                "[pipeline]\nname = \"p\"\nsource_region = \"us-east-1\"\ntargets = [\"eu-west-1\"]\n[source]\nkind = \"mqtt\"\n{source}\n"
+            )
+        };
+        let keys = |endpoint: &str, key: &str| {
+            format!(
+                "endpoint = \"{endpoint}\"\nca = \"ca.pem\"\ncertificate = \"cert.pem\"\nprivate_key = \"{key}\"\nclient_id = \"r\""
+            )
+        };
+        let parse = |source: &str| Pipeline::parse(&dir.path().join("p.toml"), &file(source), &|_| None);
+        let Source::Mqtt(settings) = parse(&keys("broker:8883", "key.pem")).unwrap().source else { panic!("mqtt") };
+        assert_eq!(settings.topics[0], "$aws/events/#");
+        assert_eq!(settings.private_key, dir.path().join("key.pem"));
+        let missing = parse(&keys("broker:8883", "nope.pem")).unwrap_err();
+        assert!(missing.message.contains("source.private_key: file not found"), "{missing}");
+        assert_eq!(missing.line, 5, "the [source] table: {missing}");
+        let endpoint = parse(&keys("broker", "key.pem")).unwrap_err();
+        assert!(endpoint.message.contains("is not host:port"), "{endpoint}");
+    }
+
+    #[test]
     fn regions() {
         assert!(check_region("eu-west-1").is_ok());
         assert!(check_region("us-gov-west-1").is_ok());

@@ -22,6 +22,7 @@ use crate::sink::Sink;
 use crate::source::Source;
 use crate::state::queue::{Ingested, Recheck};
 use crate::state::{DeadLetter, StateStore};
+use futures_util::StreamExt;
 use std::cell::Cell;
 use std::time::Duration;
 use tokio::sync::Notify;
@@ -39,6 +40,9 @@ pub struct Options {
     /// Ingest waits while the queue holds this many events.
     pub queue_limit: u64,
 }
+
+/// Second reads made at once.
+const RECHECK_CONCURRENCY: usize = 16;
 
 /// What the two halves tell each other.
 #[derive(Default)]
@@ -147,8 +151,11 @@ impl Ingest<'_> {
             }
             let mut events = Vec::new();
             let mut dead = Vec::new();
-            for recheck in &due {
-                match fetcher.reread(&recheck.kind, &recheck.name, &recheck.cause).await {
+            // Concurrently, as at ingest; results in the order they were due.
+            let reads = due.iter().map(|recheck| fetcher.reread(&recheck.kind, &recheck.name, &recheck.cause));
+            let mut done = futures_util::stream::iter(reads).buffered(RECHECK_CONCURRENCY);
+            while let Some(result) = done.next().await {
+                match result {
                     Ok(found) => events.extend(found),
                     Err(letter) => dead.push(*letter),
                 }
