@@ -5,10 +5,7 @@
 
 mod common;
 
-use aws_sdk_dynamodb::types::{
-    AttributeDefinition, AttributeValue, KeySchemaElement, KeyType, ScalarAttributeType, StreamSpecification,
-    StreamViewType,
-};
+use aws_sdk_dynamodb::types::AttributeValue;
 use common::faults::FaultProxy;
 use common::fleet::seed;
 use common::moto::Moto;
@@ -23,26 +20,7 @@ const TABLE: &str = "iotdr-events";
 
 /// The event table with a NEW_IMAGE stream, as `iotdr setup` will make it.
 async fn event_table(moto: &Moto) -> aws_sdk_dynamodb::Client {
-    let dynamodb = moto.dynamodb(SOURCE).await;
-    dynamodb
-        .create_table()
-        .table_name(TABLE)
-        .attribute_definitions(
-            AttributeDefinition::builder().attribute_name("id").attribute_type(ScalarAttributeType::S).build().unwrap(),
-        )
-        .key_schema(KeySchemaElement::builder().attribute_name("id").key_type(KeyType::Hash).build().unwrap())
-        .billing_mode(aws_sdk_dynamodb::types::BillingMode::PayPerRequest)
-        .stream_specification(
-            StreamSpecification::builder()
-                .stream_enabled(true)
-                .stream_view_type(StreamViewType::NewImage)
-                .build()
-                .unwrap(),
-        )
-        .send()
-        .await
-        .unwrap();
-    dynamodb
+    moto.event_table(SOURCE, TABLE).await
 }
 
 fn attribute(value: &Value) -> AttributeValue {

@@ -16,10 +16,7 @@
 #[path = "../../tests/common/moto.rs"]
 mod moto;
 
-use aws_sdk_dynamodb::types::{
-    AttributeDefinition, AttributeValue, KeySchemaElement, KeyType, PutRequest, ScalarAttributeType,
-    StreamSpecification, StreamViewType, WriteRequest,
-};
+use aws_sdk_dynamodb::types::{AttributeValue, PutRequest, WriteRequest};
 use futures_util::StreamExt;
 use iotdr::aws::{Limiter, RegionClients, SourceFetcher};
 use iotdr::config::Pipeline as PipelineConfig;
@@ -96,27 +93,6 @@ fn item(n: usize, at_ms: u64) -> HashMap<String, AttributeValue> {
         ("topic".to_string(), s(&topic)),
         ("payload".to_string(), AttributeValue::M(payload)),
     ])
-}
-
-async fn event_table(dynamodb: &aws_sdk_dynamodb::Client, table: &str) {
-    dynamodb
-        .create_table()
-        .table_name(table)
-        .attribute_definitions(
-            AttributeDefinition::builder().attribute_name("id").attribute_type(ScalarAttributeType::S).build().unwrap(),
-        )
-        .key_schema(KeySchemaElement::builder().attribute_name("id").key_type(KeyType::Hash).build().unwrap())
-        .billing_mode(aws_sdk_dynamodb::types::BillingMode::PayPerRequest)
-        .stream_specification(
-            StreamSpecification::builder()
-                .stream_enabled(true)
-                .stream_view_type(StreamViewType::NewImage)
-                .build()
-                .unwrap(),
-        )
-        .send()
-        .await
-        .unwrap();
 }
 
 async fn write_backlog(dynamodb: &aws_sdk_dynamodb::Client, table: &str, first: usize, count: usize) {
@@ -203,8 +179,7 @@ fn main() {
 
     // 1. Lag at a sustained rate.
     let lag = runtime.block_on(async {
-        let dynamodb = moto.dynamodb(SOURCE).await;
-        event_table(&dynamodb, "live").await;
+        let dynamodb = moto.event_table(SOURCE, "live").await;
         let state_dir = dir.path().join("live-state");
         let text = pipeline_text(&moto.url, "live", &state_dir.display().to_string());
         let config = PipelineConfig::parse(&dir.path().join("live.toml"), &text, &|_| None).unwrap();
@@ -262,8 +237,7 @@ fn main() {
 
     // 2. A backlog as fast as it goes, next to moto's ceiling.
     let (drained, drain_secs, requests, ceiling) = runtime.block_on(async {
-        let dynamodb = moto.dynamodb(SOURCE).await;
-        event_table(&dynamodb, "backlog").await;
+        let dynamodb = moto.event_table(SOURCE, "backlog").await;
         write_backlog(&dynamodb, "backlog", 0, backlog).await;
         let state_dir = dir.path().join("backlog-state");
         let text = pipeline_text(&moto.url, "backlog", &state_dir.display().to_string());
@@ -311,8 +285,7 @@ fn main() {
 
     // 3. Peak RSS of the binary draining a large backlog.
     let (rss_kb, rss_secs) = runtime.block_on(async {
-        let dynamodb = moto.dynamodb(SOURCE).await;
-        event_table(&dynamodb, "rss").await;
+        let dynamodb = moto.event_table(SOURCE, "rss").await;
         write_backlog(&dynamodb, "rss", 0, rss_backlog).await;
         let state_dir = dir.path().join("rss-state");
         let pipeline = dir.path().join("rss.toml");

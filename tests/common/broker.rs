@@ -2,7 +2,7 @@
 //! own script on a free loopback port, stopped when dropped. Its folder holds
 //! the CA and the client certificate and key the test and iotdr connect with.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
@@ -72,10 +72,6 @@ impl Broker {
             }
         }
         let _ = client.try_disconnect();
-    }
-
-    pub fn dir(&self) -> &Path {
-        self.dir.path()
     }
 }
 

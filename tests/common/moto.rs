@@ -53,6 +53,29 @@ impl Moto {
         aws_sdk_dynamodb::Client::new(&self.sdk_config(region).await)
     }
 
+    /// An event table in `region` keyed by `id`, with a NEW_IMAGE stream: the
+    /// table an IoT rule fills for the `dynamodb-stream` source.
+    pub async fn event_table(&self, region: &str, table: &str) -> aws_sdk_dynamodb::Client {
+        use aws_sdk_dynamodb::types::{
+            AttributeDefinition, BillingMode, KeySchemaElement, KeyType, ScalarAttributeType, StreamSpecification,
+            StreamViewType,
+        };
+        let dynamodb = self.dynamodb(region).await;
+        let key = AttributeDefinition::builder().attribute_name("id").attribute_type(ScalarAttributeType::S);
+        let stream = StreamSpecification::builder().stream_enabled(true).stream_view_type(StreamViewType::NewImage);
+        dynamodb
+            .create_table()
+            .table_name(table)
+            .attribute_definitions(key.build().unwrap())
+            .key_schema(KeySchemaElement::builder().attribute_name("id").key_type(KeyType::Hash).build().unwrap())
+            .billing_mode(BillingMode::PayPerRequest)
+            .stream_specification(stream.build().unwrap())
+            .send()
+            .await
+            .unwrap();
+        dynamodb
+    }
+
     /// Environment for an `iotdr` process that talks to this server.
     pub fn env(&self) -> Vec<(&'static str, String)> {
         vec![
