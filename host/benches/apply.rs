@@ -12,7 +12,6 @@ mod fleet;
 #[path = "../../tests/common/moto.rs"]
 mod moto;
 
-use futures_util::StreamExt;
 use iotdr::aws::{Limiter, SourceFetcher};
 use iotdr::config::Pipeline as PipelineConfig;
 use iotdr::pipeline::Pipeline;
@@ -93,25 +92,8 @@ rate_limits = {{ "*" = 100000.0 }}
     assert_eq!(summary.dead_letters, 0, "the benchmark run must apply everything");
 
     // moto's ceiling: the same kind of write, nothing else, same concurrency.
-    let ceiling = runtime.block_on(async {
-        let iot = moto.iot("eu-west-1").await;
-        let started = Instant::now();
-        let calls = (0..CEILING_CALLS).map(|i| {
-            let iot = iot.clone();
-            async move {
-                iot.update_thing()
-                    .thing_name(format!("dev-{:04}", i % THINGS))
-                    .attribute_payload(
-                        aws_sdk_iot::types::AttributePayload::builder().attributes("probe", "1").merge(true).build(),
-                    )
-                    .send()
-                    .await
-                    .unwrap();
-            }
-        });
-        futures_util::stream::iter(calls).buffer_unordered(CONCURRENCY).collect::<Vec<_>>().await;
-        CEILING_CALLS as f64 / started.elapsed().as_secs_f64()
-    });
+    let ceiling =
+        runtime.block_on(moto.ceiling("eu-west-1", CEILING_CALLS, CONCURRENCY, |i| format!("dev-{:04}", i % THINGS)));
 
     let changes = summary.changes as f64;
     // Source reads at ingest go to the same emulator: they count against its ceiling too.

@@ -17,7 +17,6 @@
 mod moto;
 
 use aws_sdk_dynamodb::types::{AttributeValue, PutRequest, WriteRequest};
-use futures_util::StreamExt;
 use iotdr::aws::{Limiter, RegionClients, SourceFetcher};
 use iotdr::config::Pipeline as PipelineConfig;
 use iotdr::pipeline::Pipeline;
@@ -262,24 +261,7 @@ fn main() {
         let took = started.elapsed().as_secs_f64();
         assert_eq!(summary.dead_letters, 0, "the backlog must apply whole: {summary:?}");
         let requests = sink.stats().requests + fetcher.stats().requests;
-        let iot = moto.iot(TARGET).await;
-        let calls = 1500;
-        let started = Instant::now();
-        let probes = (0..calls).map(|i| {
-            let iot = iot.clone();
-            async move {
-                iot.update_thing()
-                    .thing_name(format!("bench-{:04}", i % THINGS))
-                    .attribute_payload(
-                        aws_sdk_iot::types::AttributePayload::builder().attributes("probe", "1").merge(true).build(),
-                    )
-                    .send()
-                    .await
-                    .unwrap();
-            }
-        });
-        futures_util::stream::iter(probes).buffer_unordered(CONCURRENCY).collect::<Vec<_>>().await;
-        let ceiling = calls as f64 / started.elapsed().as_secs_f64();
+        let ceiling = moto.ceiling(TARGET, 1500, CONCURRENCY, |i| format!("bench-{:04}", i % THINGS)).await;
         (summary.records, took, requests, ceiling)
     });
 

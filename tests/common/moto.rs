@@ -76,6 +76,31 @@ impl Moto {
         dynamodb
     }
 
+    /// moto's own request ceiling in `region`: `calls` UpdateThing calls on
+    /// the existing things `names(i)`, `concurrency` at a time, nothing else.
+    /// Requests per second.
+    pub async fn ceiling(
+        &self,
+        region: &str,
+        calls: usize,
+        concurrency: usize,
+        names: impl Fn(usize) -> String,
+    ) -> f64 {
+        use futures_util::StreamExt;
+        let iot = self.iot(region).await;
+        let started = std::time::Instant::now();
+        let probes = (0..calls).map(|i| {
+            let request = iot.update_thing().thing_name(names(i)).attribute_payload(
+                aws_sdk_iot::types::AttributePayload::builder().attributes("probe", "1").merge(true).build(),
+            );
+            async move {
+                request.send().await.unwrap();
+            }
+        });
+        futures_util::stream::iter(probes).buffer_unordered(concurrency).collect::<Vec<_>>().await;
+        calls as f64 / started.elapsed().as_secs_f64()
+    }
+
     /// Environment for an `iotdr` process that talks to this server.
     pub fn env(&self) -> Vec<(&'static str, String)> {
         vec![
