@@ -2,7 +2,7 @@
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
-use iotdr::aws::{Limiter, RegionClients, SourceFetcher};
+use iotdr::aws::{Limiter, ReadPlan, RegionClients, SourceFetcher};
 use iotdr::config::Pipeline as PipelineConfig;
 use iotdr::event::{Event, decode_line};
 use iotdr::pipeline::Pipeline;
@@ -385,7 +385,11 @@ async fn dead_letters(command: DeadLetterCommand, cache_dir: Option<PathBuf>) ->
                     fetcher = Some(connected);
                 }
                 match fetcher.as_ref().expect("connected above") {
-                    Ok(fetcher) => fetcher.complete(events).await,
+                    Ok(fetcher) => {
+                        // A replay schedules no second reads: read everything now.
+                        let plan = ReadPlan { store: &state, targets: &config.targets, second_reads_from_ms: None };
+                        fetcher.complete(events, Some(&plan)).await
+                    }
                     Err(reason) => {
                         let letters = events
                             .into_iter()

@@ -19,7 +19,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 /// `known` kinds in the state store.
-mod known {
+pub(crate) mod known {
     pub const THING: &str = "thing";
     pub const THING_GROUP: &str = "thing-group";
     /// Value: `{"arn": ..., "status": ...}`.

@@ -7,11 +7,14 @@ use super::clients::RegionClients;
 use super::errors::{AwsError, ErrorKind};
 use super::rate::Limiter;
 use crate::event::{Entity, Event, Operation, related};
-use crate::state::{DeadLetter, Step};
+use crate::state::{DeadLetter, StateStore, Step};
 use futures_util::StreamExt;
 use serde_json::json;
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
+
+/// Source reads in flight at once.
+const READ_CONCURRENCY: usize = 16;
 
 pub struct SourceFetcher {
     clients: RegionClients,
@@ -54,8 +57,9 @@ impl SourceFetcher {
 
     /// Reads a thing or a certificate from the source again, as the events
     /// that make a target hold what the source holds now: a thing with its
-    /// attributes, type and principals (and the certificates new to this
-    /// run), or a certificate with its PEM, status and policies. They take
+    /// attributes, type and principals, after its certificates (read again
+    /// too) and the policies new to this run; or a certificate with its PEM,
+    /// status and policies. They take
     /// the time, account and targets of `cause`, the event that asked for the
     /// re-read. Nothing when the entity is gone (its deletion has an event).
     pub async fn reread(&self, kind: &str, name: &str, cause: &Event) -> Result<Vec<Event>, Box<DeadLetter>> {
@@ -93,11 +97,27 @@ impl SourceFetcher {
                 thing.targets = cause.targets.clone();
                 thing.attributes = described.attributes.unwrap_or_default().into_iter().collect();
                 thing.set_related(related::THING_TYPE, described.thing_type_name);
-                let (events, mut dead) = self.complete(vec![thing]).await;
-                match dead.pop() {
-                    Some(letter) => Err(Box::new(letter)),
-                    None => Ok(events),
+                let principals =
+                    self.principals(name).await.map_err(|e| fail("re-reading the thing's principals", e))?;
+                let mut events = Vec::new();
+                for principal in principals {
+                    let Some((_, id)) = principal.rsplit_once(":cert/") else { continue };
+                    thing.related.push((related::PRINCIPAL.into(), id.to_string()));
+                    // Read again even if carried: its status may have changed
+                    // with no event (an activation, a revocation).
+                    let found = self.certificate(id, cause).await.map_err(|e| fail("re-reading its certificate", e))?;
+                    for mut event in found.unwrap_or_default() {
+                        let first = self.first_time(event.entity, &event.name);
+                        if event.entity == Entity::Certificate {
+                            event.id = format!("recheck-{}", event.id);
+                            events.push(event);
+                        } else if first {
+                            events.push(event);
+                        }
+                    }
                 }
+                events.push(thing);
+                Ok(events)
             }
         }
     }
@@ -106,9 +126,31 @@ impl SourceFetcher {
     /// the certificates and policies it needs (new to this run; the event
     /// itself comes last in what `complete_one` returns). Events that
     /// cannot be completed become dead letters.
-    pub async fn complete(&self, events: Vec<Event>) -> (Vec<Event>, Vec<DeadLetter>) {
-        let mut done =
-            futures_util::stream::iter(events.into_iter().map(|event| self.complete_one(event))).buffered(16);
+    ///
+    /// Reads are spent only where they can change the outcome: an event
+    /// `plan` spares, or whose thing the batch deletes later, is passed on as
+    /// it came; a thing's principals are read once per batch (every event
+    /// of the batch arrived before that read); a certificate every target
+    /// holds is not read for the things it is attached to.
+    pub async fn complete(&self, events: Vec<Event>, plan: Option<&ReadPlan<'_>>) -> (Vec<Event>, Vec<DeadLetter>) {
+        let needs = reads_needed(&events, &|event| plan.is_some_and(|p| p.spares(event)));
+        let things: Vec<&str> = {
+            let mut seen = HashSet::new();
+            events
+                .iter()
+                .zip(&needs)
+                .filter(|(event, needed)| **needed && event.entity == Entity::Thing && seen.insert(event.name.as_str()))
+                .map(|(event, _)| event.name.as_str())
+                .collect()
+        };
+        let reads = things.iter().map(|name| async move { (name.to_string(), self.principals(name).await) });
+        let principals: HashMap<String, Result<Vec<String>, AwsError>> =
+            futures_util::stream::iter(reads).buffer_unordered(READ_CONCURRENCY).collect().await;
+        let principals = &principals;
+        let completions = events.into_iter().zip(needs).map(|(event, needed)| async move {
+            if needed { self.complete_one(event, principals, plan).await } else { Ok(vec![event]) }
+        });
+        let mut done = futures_util::stream::iter(completions).buffered(READ_CONCURRENCY);
         let mut out = Vec::new();
         let mut dead = Vec::new();
         // Events complete concurrently; which one carries a shared certificate
@@ -133,6 +175,15 @@ impl SourceFetcher {
         (out, dead)
     }
 
+    /// The thing's principals now (none when it is gone: its deletion has an event).
+    async fn principals(&self, thing: &str) -> Result<Vec<String>, AwsError> {
+        match fetch!(self, "ListThingPrincipals", self.clients.iot.list_thing_principals().thing_name(thing)) {
+            Ok(out) => Ok(out.principals.unwrap_or_default()),
+            Err(e) if e.is(ErrorKind::NotFound) => Ok(Vec::new()),
+            Err(e) => Err(e),
+        }
+    }
+
     fn first_time(&self, entity: Entity, name: &str) -> bool {
         self.carried.lock().expect("carried lock").insert((entity, name.to_string()))
     }
@@ -142,7 +193,12 @@ impl SourceFetcher {
         self.carried.lock().expect("carried lock").contains(&(entity, name.to_string()))
     }
 
-    async fn complete_one(&self, mut event: Event) -> Result<Vec<Event>, Box<DeadLetter>> {
+    async fn complete_one(
+        &self,
+        mut event: Event,
+        principals: &HashMap<String, Result<Vec<String>, AwsError>>,
+        plan: Option<&ReadPlan<'_>>,
+    ) -> Result<Vec<Event>, Box<DeadLetter>> {
         let fail = |event: Event, what: &str, e: AwsError| {
             Box::new(DeadLetter::for_event(Step::Fetch, format!("{what} from {}: {e}", event.source_region), event))
         };
@@ -185,16 +241,13 @@ impl SourceFetcher {
                 }
             }
             (Entity::Thing, Operation::Created | Operation::Updated) => {
-                let listed = fetch!(
-                    self,
-                    "ListThingPrincipals",
-                    self.clients.iot.list_thing_principals().thing_name(&event.name)
-                );
-                let principals = match listed {
-                    Ok(out) => out.principals.unwrap_or_default(),
-                    // Deleted in the source since: apply what the event says.
-                    Err(e) if e.is(ErrorKind::NotFound) => Vec::new(),
-                    Err(e) => return Err(fail(event, "listing the thing's principals", e)),
+                let principals = match principals.get(&event.name) {
+                    Some(Ok(principals)) => principals.clone(),
+                    Some(Err(e)) => {
+                        let e = e.clone();
+                        return Err(fail(event, "listing the thing's principals", e));
+                    }
+                    None => unreachable!("every thing event that needs reads had its principals read"),
                 };
                 let mut before = Vec::new();
                 // Added to the event only once every certificate is fetched: a
@@ -203,7 +256,8 @@ impl SourceFetcher {
                 for principal in principals {
                     let Some((_, id)) = principal.rsplit_once(":cert/") else { continue };
                     attached.push((related::PRINCIPAL.to_string(), id.to_string()));
-                    if !self.carried(Entity::Certificate, id) {
+                    let held = plan.is_some_and(|p| p.certificate_everywhere(id));
+                    if !held && !self.carried(Entity::Certificate, id) {
                         match self.certificate(id, &event).await {
                             Ok(Some(events)) => before.extend(events),
                             Ok(None) => {}
@@ -278,4 +332,95 @@ pub fn carries_pem(event: &Event) -> bool {
         .as_deref()
         .and_then(|d| serde_json::from_str::<serde_json::Value>(d).ok())
         .is_some_and(|d| d.get("certificatePem").and_then(serde_json::Value::as_str).is_some_and(|p| !p.is_empty()))
+}
+
+/// What spares source reads at ingest: what the state store knows of the
+/// targets, and the second reads that will come anyway.
+pub struct ReadPlan<'a> {
+    pub store: &'a StateStore,
+    /// Every region the pipeline can apply to.
+    pub targets: &'a [String],
+    /// Thing events after this time (ms since the epoch) get their
+    /// principals from their second read (`[ingest] recheck_after_ms` after
+    /// them) rather than at ingest; `None` when there are no second reads.
+    pub second_reads_from_ms: Option<u64>,
+}
+
+impl ReadPlan<'_> {
+    /// Whether reading the source at ingest for `event` can be left out.
+    ///
+    /// - Every target's ledger holds a newer change of its entity (it is
+    ///   stale), or, for a thing, this very change, applied with principals
+    ///   read at or after its time. A certificate event lacking its PEM is
+    ///   settled only when stale: applied again, it would need the PEM.
+    /// - A thing event recent enough to have a second read: read now, a
+    ///   moment after the change, its principals are what the last read saw
+    ///   (AWS attaches none in `CreateThing`, and an attachment has no event),
+    ///   and the second read sees them at least as new. Reading only then
+    ///   makes the source reads of a live stream one per thing per
+    ///   `recheck_after` instead of one per event, which the read quotas
+    ///   (`ListThingPrincipals` 20/s) would otherwise cap.
+    fn spares(&self, event: &Event) -> bool {
+        if event.entity == Entity::Thing
+            && event.timestamp_ms != 0
+            && self.second_reads_from_ms.is_some_and(|from| event.timestamp_ms > from)
+        {
+            return true;
+        }
+        let equal_is_settled = event.entity == Entity::Thing;
+        self.store.settled(self.targets, event, equal_is_settled).unwrap_or(false)
+    }
+
+    /// Whether iotdr registered this certificate in every target: the things
+    /// it is attached to need no copy of it. Its status changes are caught by
+    /// the second read of the things it is attached to.
+    fn certificate_everywhere(&self, id: &str) -> bool {
+        self.targets
+            .iter()
+            .all(|region| matches!(self.store.known(region, super::apply::known::CERTIFICATE, id), Ok(Some(_))))
+    }
+}
+
+/// Which events of a batch need source reads: thing creations and updates
+/// and certificates without their PEM, unless `answered` says the event is
+/// settled already, or the batch deletes the thing later (what would be
+/// read is gone by the time it is applied).
+fn reads_needed(events: &[Event], answered: &(dyn Fn(&Event) -> bool + Sync)) -> Vec<bool> {
+    let mut deleted_later: HashSet<&str> = HashSet::new();
+    let mut needs = vec![false; events.len()];
+    for (index, event) in events.iter().enumerate().rev() {
+        needs[index] = match (event.entity, event.operation) {
+            (Entity::Thing, Operation::Deleted) => {
+                deleted_later.insert(&event.name);
+                false
+            }
+            (Entity::Thing, Operation::Created | Operation::Updated) => {
+                !deleted_later.contains(event.name.as_str()) && !answered(event)
+            }
+            (Entity::Certificate, Operation::Created) => !carries_pem(event) && !answered(event),
+            _ => false,
+        };
+    }
+    needs
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_are_skipped_for_settled_events_and_things_deleted_later_in_the_batch() {
+        let event = |entity, operation, name: &str| Event::new(entity, operation, name);
+        let events = [
+            event(Entity::Thing, Operation::Created, "gone"),
+            event(Entity::Thing, Operation::Created, "kept"),
+            event(Entity::Thing, Operation::Updated, "settled"),
+            event(Entity::Certificate, Operation::Created, "c1"),
+            event(Entity::Thing, Operation::Deleted, "gone"),
+            event(Entity::Thing, Operation::Created, "gone"),
+            event(Entity::ThingGroup, Operation::Created, "g"),
+        ];
+        let needs = reads_needed(&events, &|e| e.name == "settled");
+        assert_eq!(needs, [false, true, false, true, false, true, false]);
+    }
 }

@@ -11,6 +11,6 @@ mod registry;
 pub use apply::{Applied, Applier, ApplyError, DependencyWait};
 pub use clients::RegionClients;
 pub use errors::{AwsError, ErrorKind};
-pub use fetch::{SourceFetcher, carries_pem};
+pub use fetch::{ReadPlan, SourceFetcher, carries_pem};
 pub use rate::{CallStats, DEFAULT_RATES, Limiter, RetryPolicy};
 pub use registry::GlobalRegistry;

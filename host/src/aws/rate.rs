@@ -44,9 +44,31 @@ pub const DEFAULT_RATES: &[(&str, f64)] = &[
     ("GetThingShadow", 400.0),
     ("DeleteThingShadow", 400.0),
     ("UpdateItem", 1000.0),
+    // Reads: the source's, at ingest and for second reads, and the
+    // applier's where it converges. Service Quotas defaults (code in the
+    // comment) as AWS listed them in 2024-2025.
+    ("ListThingPrincipals", 20.0),      // L-FC3EF4D9
+    ("DescribeCertificate", 10.0),      // L-FC864907
+    ("ListAttachedPolicies", 15.0),     // L-B2DA2A45
+    ("GetPolicy", 10.0),                // L-5CE9072D
+    ("GetPolicyVersion", 15.0),         // L-1FE17093
+    ("ListPrincipalThings", 10.0),      // L-C481616A
+    ("DescribeThingType", 100.0),       // L-DDCF8E97
+    ("DescribeThingGroup", 100.0),      // L-52E1E197
+    ("DescribeBillingGroup", 100.0),    // L-23DF46E7
+    ("ListThingGroupsForThing", 100.0), // L-75F129AD
+    ("ListThingsInThingGroup", 25.0),   // L-D33FD5F9
+    ("ListThingsInBillingGroup", 25.0), // L-E8797DCC
+    ("ListThings", 10.0),               // L-57AAC135
+    ("ListThingTypes", 10.0),           // L-F9EBF527
+    ("ListThingGroups", 10.0),          // L-1E5260D6
+    ("ListBillingGroups", 10.0),        // L-BB923BC2
+    ("ListCertificates", 10.0),         // L-97DA2C60
+    ("ListPolicies", 10.0),             // L-2B86A5A0
+    ("SearchIndex", 15.0),              // L-908D0FBE (AWS IoT Device Management)
 ];
 
-/// For APIs not in the table (reads the applier makes to converge).
+/// For APIs not in the table (ListNamedShadowsForThing, DescribeEndpoint, ...).
 pub const FALLBACK_RATE: f64 = 20.0;
 
 /// The slowest an adaptive bucket gets however often it is throttled: a
@@ -180,7 +202,6 @@ impl Limiter {
         }
     }
 
-    /// What was sent to `regions`, leaving out the operations in `except`.
     /// The limiter of a run, from its `[apply]` rates and retry settings.
     pub fn from_config(apply: &crate::config::Apply) -> Limiter {
         let retry = RetryPolicy {
@@ -208,9 +229,24 @@ impl Limiter {
         total
     }
 
+    /// Calls that ended, per operation, in `region`.
+    pub fn calls_by_operation(&self, region: &str) -> std::collections::BTreeMap<&'static str, u64> {
+        let stats = self.stats.lock().expect("stats lock");
+        stats
+            .iter()
+            .filter(|((r, _), _)| r == region)
+            .map(|((_, operation), counts)| (*operation, counts.calls))
+            .collect()
+    }
+
+    /// The rate `operation` is configured to (before any adaptation).
+    pub fn configured_rate(&self, operation: &str) -> f64 {
+        self.rates.get(operation).copied().unwrap_or(self.fallback)
+    }
+
     fn bucket<R>(&self, region: &str, operation: &'static str, f: impl FnOnce(&mut Bucket) -> R) -> R {
         let mut buckets = self.buckets.lock().expect("bucket lock");
-        let rate = self.rates.get(operation).copied().unwrap_or(self.fallback);
+        let rate = self.configured_rate(operation);
         f(buckets.entry((region.to_string(), operation)).or_insert_with(|| Bucket::new(rate)))
     }
 

@@ -13,7 +13,7 @@
 //! a backlog read before a source outage is still applied during it.
 
 use super::{RunError, Summary, apply_events};
-use crate::aws::SourceFetcher;
+use crate::aws::{ReadPlan, SourceFetcher};
 use crate::config;
 use crate::context::ThingContext;
 use crate::event::{Entity, Event, Operation, decode_line, related};
@@ -119,11 +119,20 @@ impl Ingest<'_> {
             }
             let mut rechecks = Vec::new();
             if let Some(fetcher) = self.fetcher {
-                let (completed, failed) = fetcher.complete(events).await;
+                // One "now" for both: an event the fetch leaves to its second
+                // read is one `rechecks_for` schedules a second read for.
+                let now = now_ms();
+                let after_ms = self.options.recheck_after.map(|after| after.as_millis() as u64);
+                let plan = ReadPlan {
+                    store: self.store,
+                    targets: &self.config.targets,
+                    second_reads_from_ms: after_ms.map(|after| now.saturating_sub(after)),
+                };
+                let (completed, failed) = fetcher.complete(events, Some(&plan)).await;
                 dead.extend(failed);
                 events = completed;
-                if let Some(after) = self.options.recheck_after {
-                    rechecks = rechecks_for(&events, now_ms(), after.as_millis() as u64);
+                if let Some(after_ms) = after_ms {
+                    rechecks = rechecks_for(&events, now, after_ms);
                 }
             }
             self.store.ingest(&Ingested {
@@ -160,7 +169,8 @@ impl Ingest<'_> {
                     Err(letter) => dead.push(*letter),
                 }
             }
-            self.store.rechecked(&due, &events, &dead)?;
+            let after_ms = self.options.recheck_after.map_or(0, |after| after.as_millis() as u64);
+            self.store.rechecked(&due, &events, &dead, after_ms)?;
             summary.rechecks += due.len() as u64;
             self.reported(&dead, summary);
             self.signals.queued.notify_one();

@@ -57,10 +57,14 @@ impl StateStore {
                 )?;
             }
             for recheck in batch.rechecks {
-                // One pending re-read per entity: the latest asked for wins.
+                // One pending re-read per entity, due when the earliest ask
+                // is: an entity changing every few seconds is still read
+                // again every `recheck_after`, never put off for good. The
+                // latest cause is kept; `rechecked` asks again for it.
                 tx.execute(
                     "INSERT INTO rechecks (kind, name, due_ms, cause) VALUES (?1, ?2, ?3, ?4)
-                     ON CONFLICT (kind, name) DO UPDATE SET due_ms = excluded.due_ms, cause = excluded.cause",
+                     ON CONFLICT (kind, name) DO UPDATE SET
+                       due_ms = min(rechecks.due_ms, excluded.due_ms), cause = excluded.cause",
                     params![
                         recheck.kind,
                         recheck.name,
@@ -136,8 +140,15 @@ impl StateStore {
     }
 
     /// Stores the events a batch of re-reads produced and removes those
-    /// re-reads (unless one was asked for again since), in one transaction.
-    pub fn rechecked(&self, done: &[Recheck], events: &[Event], dead_letters: &[DeadLetter]) -> Result<(), StateError> {
+    /// re-reads, in one transaction. A re-read asked for again since (by a
+    /// newer cause) stays, due `after_ms` after that cause.
+    pub fn rechecked(
+        &self,
+        done: &[Recheck],
+        events: &[Event],
+        dead_letters: &[DeadLetter],
+        after_ms: u64,
+    ) -> Result<(), StateError> {
         self.with(|c| {
             let tx = c.unchecked_transaction()?;
             {
@@ -150,10 +161,27 @@ impl StateStore {
                 insert_dead_letter(&tx, letter)?;
             }
             for recheck in done {
-                tx.execute(
-                    "DELETE FROM rechecks WHERE kind = ?1 AND name = ?2 AND due_ms = ?3",
-                    params![recheck.kind, recheck.name, recheck.due_ms as i64],
-                )?;
+                let stored: Option<String> = tx
+                    .query_row(
+                        "SELECT cause FROM rechecks WHERE kind = ?1 AND name = ?2",
+                        params![recheck.kind, recheck.name],
+                        |row| row.get(0),
+                    )
+                    .optional()?;
+                let Some(stored) = stored else { continue };
+                let newer = serde_json::from_str::<Event>(&stored)
+                    .ok()
+                    .filter(|cause| cause.id != recheck.cause.id || cause.timestamp_ms != recheck.cause.timestamp_ms);
+                match newer {
+                    Some(cause) => tx.execute(
+                        "UPDATE rechecks SET due_ms = ?3 WHERE kind = ?1 AND name = ?2",
+                        params![recheck.kind, recheck.name, cause.timestamp_ms.saturating_add(after_ms) as i64],
+                    )?,
+                    None => tx.execute(
+                        "DELETE FROM rechecks WHERE kind = ?1 AND name = ?2",
+                        params![recheck.kind, recheck.name],
+                    )?,
+                };
             }
             tx.commit()
         })
@@ -194,20 +222,33 @@ mod tests {
     }
 
     #[test]
-    fn a_recheck_is_kept_once_per_entity_and_done_when_due() {
+    fn a_recheck_is_kept_once_per_entity_due_at_its_earliest_ask_and_asked_again_by_a_newer_cause() {
         let dir = tempfile::tempdir().unwrap();
         let store = StateStore::open(dir.path()).unwrap();
-        let cause = Event::new(Entity::Thing, Operation::Created, "t");
-        let at = |due_ms| Recheck { kind: "thing".into(), name: "t".into(), due_ms, cause: cause.clone() };
-        for due in [100, 300] {
-            store.ingest(&Ingested { rechecks: &[at(due)], ..Default::default() }).unwrap();
-        }
-        assert_eq!(store.next_recheck_ms().unwrap(), Some(300), "asked again: the later one stands");
-        assert!(store.due_rechecks(200, 10).unwrap().is_empty());
-        let due = store.due_rechecks(300, 10).unwrap();
-        assert_eq!(due, [at(300)]);
-        store.rechecked(&due, std::slice::from_ref(&cause), &[]).unwrap();
-        assert_eq!(store.next_recheck_ms().unwrap(), None);
+        let caused = |id: &str, at_ms| {
+            let mut cause = Event::new(Entity::Thing, Operation::Updated, "t");
+            cause.id = id.into();
+            cause.timestamp_ms = at_ms;
+            cause
+        };
+        let ask =
+            |cause: &Event, due_ms| Recheck { kind: "thing".into(), name: "t".into(), due_ms, cause: cause.clone() };
+        let (first, second) = (caused("e1", 0), caused("e2", 200));
+        store.ingest(&Ingested { rechecks: &[ask(&first, 100)], ..Default::default() }).unwrap();
+        store.ingest(&Ingested { rechecks: &[ask(&second, 300)], ..Default::default() }).unwrap();
+        assert_eq!(store.next_recheck_ms().unwrap(), Some(100), "asked again: never put off");
+        assert!(store.due_rechecks(50, 10).unwrap().is_empty());
+        let due = store.due_rechecks(100, 10).unwrap();
+        assert_eq!(due, [ask(&second, 100)], "the latest cause");
+        store.rechecked(&due, std::slice::from_ref(&second), &[], 100).unwrap();
+        assert_eq!(store.next_recheck_ms().unwrap(), None, "done: its cause is the latest");
         assert_eq!(store.queue_len().unwrap(), 1);
+
+        // A newer cause arriving while the re-read runs asks for one more, after it.
+        store.ingest(&Ingested { rechecks: &[ask(&first, 100)], ..Default::default() }).unwrap();
+        let due = store.due_rechecks(100, 10).unwrap();
+        store.ingest(&Ingested { rechecks: &[ask(&second, 300)], ..Default::default() }).unwrap();
+        store.rechecked(&due, &[], &[], 100).unwrap();
+        assert_eq!(store.next_recheck_ms().unwrap(), Some(300));
     }
 }

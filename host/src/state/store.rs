@@ -4,6 +4,7 @@
 
 use super::DeadLetter;
 use super::ledger::{self, Entry, Position};
+use crate::event::Event;
 use rusqlite::{Connection, OptionalExtension, params};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -252,6 +253,24 @@ impl StateStore {
                 position.within.iter().map(|key| Self::ledger_entry(c, region, key)).collect::<Result<Vec<_>, _>>()?;
             Ok(ledger::stale(position, own, &within))
         })
+    }
+
+    /// Whether the ledger of every one of `regions` holds `event`'s change or
+    /// a newer one of its entity. With `equal_is_settled`, the same position
+    /// counts (it was applied already, perhaps as another event of the same
+    /// instant); otherwise only a newer one, which makes the event stale.
+    pub fn settled(&self, regions: &[String], event: &Event, equal_is_settled: bool) -> Result<bool, StateError> {
+        let Some(position) = Position::of(event) else { return Ok(false) };
+        let order = ledger::encode(position.order);
+        for region in regions {
+            let stale = self.stale(region, &position)?.is_some();
+            let equal = equal_is_settled
+                && self.with(|c| Self::ledger_entry(c, region, &position.key))?.applied.is_some_and(|a| a >= order);
+            if !stale && !equal {
+                return Ok(false);
+            }
+        }
+        Ok(!regions.is_empty())
     }
 
     /// Records that the change at `position` was applied in `region`. The
