@@ -7,6 +7,10 @@
 #                                     free 127.0.0.1 port with its persistence in DIR;
 #                                     prints only the port on stdout
 #   scripts/mosquitto.sh stop DIR     stops the broker started in DIR
+#   scripts/mosquitto.sh restart DIR [--forget-sessions]
+#                                     the same broker again, on the same port; with
+#                                     --forget-sessions its persistence is wiped first
+#                                     (as a broker that lost its state)
 # Log: DIR/mosquitto.log; pid: DIR/mosquitto.pid.
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
@@ -70,7 +74,12 @@ keyfile $dir/server.key
 require_certificate true
 use_identity_as_username true
 CONF
-    local mosquitto
+    launch "$dir" "$port"
+}
+
+# Starts the broker configured in DIR and waits until PORT answers.
+launch() {
+    local dir=$1 port=$2 mosquitto
     mosquitto=$(command -v mosquitto || echo /usr/sbin/mosquitto)
     "$mosquitto" -c "$dir/mosquitto.conf" -d
     for _ in $(seq 100); do
@@ -83,6 +92,16 @@ CONF
     echo "mosquitto did not start on port $port; its log:" >&2
     cat "$dir/mosquitto.log" >&2 || true
     exit 1
+}
+
+cmd_restart() {
+    local dir=${1:?usage: mosquitto.sh restart DIR [--forget-sessions]} port
+    dir=$(cd "$dir" && pwd)
+    port=$(sed -n 's/^listener \([0-9]*\) .*/\1/p' "$dir/mosquitto.conf")
+    cmd_stop "$dir"
+    # The broker's persistence is its sessions and their queued messages.
+    [[ ${2:-} == --forget-sessions ]] && rm -rf "${dir:?}/data" && mkdir -p "$dir/data"
+    launch "$dir" "$port"
 }
 
 cmd_stop() {
@@ -103,5 +122,6 @@ case ${1:-} in
     install) cmd_install ;;
     start) cmd_start "${2:-}" ;;
     stop) cmd_stop "${2:-}" ;;
-    *) echo "usage: $0 install | start DIR | stop DIR" >&2; exit 2 ;;
+    restart) cmd_restart "${2:-}" "${3:-}" ;;
+    *) echo "usage: $0 install | start DIR | stop DIR | restart DIR [--forget-sessions]" >&2; exit 2 ;;
 esac

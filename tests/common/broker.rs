@@ -21,6 +21,20 @@ impl Broker {
         Broker { port, dir }
     }
 
+    /// Stops the broker and starts it again on the same port; with
+    /// `forget_sessions` its persistence is wiped in between, as a broker
+    /// that lost its state (the sessions and what they queued).
+    pub fn restart(&self, forget_sessions: bool) {
+        let script = super::root().join("scripts/mosquitto.sh");
+        let mut command = Command::new("bash");
+        command.arg(&script).arg("restart").arg(self.dir.path());
+        if forget_sessions {
+            command.arg("--forget-sessions");
+        }
+        let out = command.output().expect("bash runs");
+        assert!(out.status.success(), "scripts/mosquitto.sh restart failed:\n{}", String::from_utf8_lossy(&out.stderr));
+    }
+
     pub fn file(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)
     }
