@@ -291,6 +291,56 @@ async fn renamed_policies_stay_attached_to_their_certificates() {
     assert_eq!(target["policies"].as_object().unwrap().keys().collect::<Vec<_>>(), ["device-eu-west-1"]);
 }
 
+/// A membership event carries no attributes: its thing lends them (the thing
+/// context). A restart must not forget them, or a router sends the
+/// membership of a thing it kept out of a region to that region.
+#[tokio::test]
+async fn a_restart_routes_a_membership_by_its_things_attributes_seen_before() {
+    let moto = Moto::start();
+    let at = 1_764_000_000_000u64;
+    let first = vec![
+        registry(
+            "$aws/events/thingGroup/fleet/created",
+            json!({ "eventType": "THING_GROUP_EVENT", "operation": "CREATED", "accountId": "123456789012",
+                    "thingGroupName": "fleet", "timestamp": at, "eventId": "fleet-created" }),
+        ),
+        thing_record("created", "acme-1", json!({ "customer": "acme" }), at + 1),
+        thing_record("created", "globex-1", json!({ "customer": "globex" }), at + 2),
+    ];
+    // acme's things replicate to the target, globex's nowhere, the rest (the group) by default.
+    let stage = common::runner::stage(
+        "per-customer",
+        &common::root().join("plugins/dist/region-router.wasm"),
+        &format!(
+            r#"{{ by_attribute = "customer", routes = {{ acme = ["{TARGET}"], globex = [] }}, default = ["{TARGET}"] }}"#
+        ),
+        "dead-letter",
+    );
+    let test = Run::new(SOURCE, &moto.url, TARGET, &moto.url, &first, &stage);
+    let summary = test.run(&moto);
+    assert_eq!(summary["run"]["dead_letters"], 0, "{summary} {:?}", test.dead_letters(&moto));
+
+    // The memberships arrive after a restart (the file grows, the run resumes).
+    let later = [
+        membership_record("added", "acme-1", "fleet", at + 3),
+        membership_record("added", "globex-1", "fleet", at + 4),
+    ];
+    let mut file = std::fs::OpenOptions::new().append(true).open(test.dir.path().join("events.jsonl")).unwrap();
+    std::io::Write::write_all(&mut file, (later.join("\n") + "\n").as_bytes()).unwrap();
+    let summary = test.run(&moto);
+    assert_eq!(summary["run"]["records"], 2, "{summary}");
+    assert_eq!(
+        summary["run"]["dead_letters"],
+        0,
+        "globex-1's membership went to the target: {:?}",
+        test.dead_letters(&moto)
+    );
+    assert_eq!(summary["run"]["dropped"], 1, "{summary}");
+    let target = region_state(&moto, TARGET).await;
+    assert_eq!(target["things"].as_object().unwrap().keys().collect::<Vec<_>>(), ["acme-1"]);
+    assert_eq!(target["things"]["acme-1"]["groups"], json!(["fleet"]));
+}
+
 fn registry(topic: &str, payload: Value) -> String {
     json!({ "topic": topic, "payload": payload }).to_string()
 }

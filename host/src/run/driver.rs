@@ -84,7 +84,6 @@ struct Ingest<'a> {
 impl Ingest<'_> {
     async fn run<S: Source>(&self, source: &mut S) -> Result<Summary, RunError> {
         let mut summary = Summary::default();
-        let mut context = ThingContext::default();
         loop {
             while self.store.queue_len()? >= self.options.queue_limit {
                 self.signals.drained.notified().await;
@@ -108,10 +107,11 @@ impl Ingest<'_> {
             summary.records += batch.records.len() as u64;
             let mut events = Vec::with_capacity(batch.records.len());
             let mut dead = Vec::new();
+            let mut context = ThingContext::new(self.store);
             for record in batch.records {
                 match decode_line(&record.text, &self.config.source_region) {
                     Ok(mut event) => {
-                        context.enrich(&mut event);
+                        context.enrich(&mut event)?;
                         events.push(event);
                     }
                     Err(e) => dead.push(DeadLetter::for_record(e.to_string(), &record.text, record.origin)),
@@ -140,6 +140,7 @@ impl Ingest<'_> {
                 dead_letters: &dead,
                 checkpoints: &batch.checkpoints,
                 rechecks: &rechecks,
+                thing_attributes: &context.learned(),
             })?;
             self.reported(&dead, &mut summary);
             source.acknowledge().await?;

@@ -5,6 +5,7 @@
 
 use super::{RunError, Summary, apply_events};
 use crate::config;
+use crate::context::ThingContext;
 use crate::event::{Entity, Event, Operation, decode_line};
 use crate::pipeline::Pipeline;
 use crate::sink::Sink;
@@ -40,7 +41,12 @@ pub async fn replay<S: Sink>(
         // (first stage, event, whether it still needs what the source adds at ingest)
         let entry = match (&letter.step, &letter.event, &letter.record) {
             (Step::Decode, _, Some(record)) => match decode_line(record, &config.source_region) {
-                Ok(event) => Ok((0, event, true)),
+                Ok(mut event) => {
+                    // Attributes lent by its thing, as a run would; what a
+                    // replayed, older event says is not learned.
+                    ThingContext::new(store).enrich(&mut event)?;
+                    Ok((0, event, true))
+                }
                 Err(e) => Err(e.to_string()),
             },
             (Step::Fetch, Some(event), _) => Ok((0, event.clone(), true)),

@@ -11,6 +11,7 @@ use super::DeadLetter;
 use super::store::{StateError, StateStore, insert_dead_letter};
 use crate::event::Event;
 use rusqlite::{OptionalExtension, params};
+use std::collections::BTreeMap;
 
 /// What one source batch leaves in the store.
 #[derive(Debug, Default)]
@@ -20,6 +21,9 @@ pub struct Ingested<'a> {
     /// (source key, position) to store: where the source resumes.
     pub checkpoints: &'a [(String, String)],
     pub rechecks: &'a [Recheck],
+    /// What the batch taught the thing context: a thing's attributes as last
+    /// seen, or `None` when it was deleted (see `context::ThingContext`).
+    pub thing_attributes: &'a [(String, Option<BTreeMap<String, String>>)],
 }
 
 /// A second read of an entity from the source, some time after an event
@@ -56,6 +60,16 @@ impl StateStore {
                     params![source, position],
                 )?;
             }
+            for (name, attributes) in batch.thing_attributes {
+                match attributes {
+                    Some(attributes) => tx.execute(
+                        "INSERT INTO thing_attributes (name, attributes) VALUES (?1, ?2)
+                         ON CONFLICT (name) DO UPDATE SET attributes = excluded.attributes",
+                        params![name, serde_json::to_string(attributes).expect("attributes are JSON")],
+                    )?,
+                    None => tx.execute("DELETE FROM thing_attributes WHERE name = ?1", [name])?,
+                };
+            }
             for recheck in batch.rechecks {
                 // One pending re-read per entity, due when the earliest ask
                 // is: an entity changing every few seconds is still read
@@ -75,6 +89,16 @@ impl StateStore {
             }
             tx.commit()
         })
+    }
+
+    /// A thing's attributes as the thing context last stored them.
+    pub fn thing_attributes(&self, name: &str) -> Result<Option<BTreeMap<String, String>>, StateError> {
+        let stored: Option<String> = self.with(|c| {
+            c.query_row("SELECT attributes FROM thing_attributes WHERE name = ?1", [name], |row| row.get(0)).optional()
+        })?;
+        stored
+            .map(|text| serde_json::from_str(&text).map_err(|e| self.error(format!("attributes of thing {name}: {e}"))))
+            .transpose()
     }
 
     /// Up to `max` queued events after `after` (a sequence number), oldest first.
@@ -203,7 +227,13 @@ mod tests {
         let letter = DeadLetter::for_record("bad JSON", "{", "events.jsonl:9".into());
         let checkpoints = [("file:events.jsonl".to_string(), "120:9".to_string())];
         store
-            .ingest(&Ingested { events: &events, dead_letters: &[letter], checkpoints: &checkpoints, rechecks: &[] })
+            .ingest(&Ingested {
+                events: &events,
+                dead_letters: &[letter],
+                checkpoints: &checkpoints,
+                rechecks: &[],
+                thing_attributes: &[],
+            })
             .unwrap();
         assert_eq!(store.checkpoint("file:events.jsonl").unwrap().as_deref(), Some("120:9"));
         assert_eq!(store.dead_letters().unwrap().len(), 1);

@@ -69,6 +69,10 @@ CREATE TABLE IF NOT EXISTS queue (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     event TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS thing_attributes (
+    name TEXT PRIMARY KEY,
+    attributes TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS rechecks (
     kind TEXT NOT NULL,
     name TEXT NOT NULL,
