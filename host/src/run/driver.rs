@@ -3,8 +3,11 @@
 //! - **ingest** reads a batch from the source, decodes it, completes it from
 //!   the source region, and stores it in the state store's queue with the
 //!   source's new position and the batch's dead letters, in one transaction;
-//!   only then is the source acknowledged. It also re-reads, once they are
-//!   due, the things and certificates it was asked to look at again.
+//!   only then is the source acknowledged.
+//! - **second reads** re-read, once they are due, the things and
+//!   certificates ingest asked to look at again, and queue what they found.
+//!   They run beside ingest, so a wave of them coming due never holds the
+//!   live stream back.
 //! - **apply** drains the queue in order: stages, plan, sink; what it
 //!   finished leaves the queue together with its dead letters.
 //!
@@ -44,12 +47,17 @@ pub struct Options {
 /// Second reads made at once.
 const RECHECK_CONCURRENCY: usize = 16;
 
-/// What the two halves tell each other.
+/// What the three parts tell each other.
 #[derive(Default)]
 struct Signals {
+    /// Events were queued (apply waits for it).
     queued: Notify,
+    /// Events left the queue (ingest waits for it at the queue limit).
     drained: Notify,
+    /// Second reads were asked for, or ingest ended.
+    asked: Notify,
     ingest_done: Cell<bool>,
+    rechecks_done: Cell<bool>,
 }
 
 /// Runs `pipeline` from `source` until the source is idle (or forever when following).
@@ -66,8 +74,11 @@ pub async fn run<S: Source, K: Sink>(
 ) -> Result<Summary, RunError> {
     let signals = Signals::default();
     let ingest = Ingest { config, store, fetcher, options, signals: &signals, report };
+    let rechecks = SecondReads { config, store, fetcher, options, signals: &signals, report };
     let apply = Apply { config, store, signals: &signals, report };
-    let (mut ingested, applied) = futures_util::future::try_join(ingest.run(source), apply.run(pipeline, sink)).await?;
+    let (mut ingested, reread, applied) =
+        futures_util::future::try_join3(ingest.run(source), rechecks.run(), apply.run(pipeline, sink)).await?;
+    ingested.add(reread);
     ingested.add(applied);
     Ok(ingested)
 }
@@ -88,18 +99,10 @@ impl Ingest<'_> {
             while self.store.queue_len()? >= self.options.queue_limit {
                 self.signals.drained.notified().await;
             }
-            self.recheck_due(&mut summary).await?;
             let batch = source.read(self.config.batch_size).await?;
             if batch.records.is_empty() {
                 if self.options.until_idle && source.idle() {
-                    match self.store.next_recheck_ms()? {
-                        None => break,
-                        Some(due) => {
-                            let wait = Duration::from_millis(due.saturating_sub(now_ms()));
-                            tokio::time::sleep(wait.min(self.options.poll_interval)).await;
-                            continue;
-                        }
-                    }
+                    break;
                 }
                 tokio::time::sleep(self.options.poll_interval).await;
                 continue;
@@ -142,18 +145,58 @@ impl Ingest<'_> {
                 rechecks: &rechecks,
                 thing_attributes: &context.learned(),
             })?;
-            self.reported(&dead, &mut summary);
+            report_dead(self.report, &dead, &mut summary);
             source.acknowledge().await?;
             self.signals.queued.notify_one();
+            if !rechecks.is_empty() {
+                self.signals.asked.notify_one();
+            }
         }
         self.signals.ingest_done.set(true);
+        self.signals.queued.notify_one();
+        self.signals.asked.notify_one();
+        Ok(summary)
+    }
+}
+
+/// The second reads, beside ingest.
+struct SecondReads<'a> {
+    config: &'a config::Pipeline,
+    store: &'a StateStore,
+    fetcher: Option<&'a SourceFetcher>,
+    options: &'a Options,
+    signals: &'a Signals,
+    report: &'a dyn Fn(&DeadLetter),
+}
+
+impl SecondReads<'_> {
+    /// Makes the second reads as they come due. Until idle, it ends once
+    /// ingest has and none is pending.
+    async fn run(&self) -> Result<Summary, RunError> {
+        let mut summary = Summary::default();
+        if let Some(fetcher) = self.fetcher {
+            loop {
+                self.due(fetcher, &mut summary).await?;
+                // "Done" first: what ingest asked for before saying so is stored then.
+                let ingest_done = self.signals.ingest_done.get();
+                match self.store.next_recheck_ms()? {
+                    None if ingest_done => break,
+                    None => self.signals.asked.notified().await,
+                    Some(due) => {
+                        let wait = Duration::from_millis(due.saturating_sub(now_ms()));
+                        // Woken early by a new ask: it may be due sooner.
+                        let _ = tokio::time::timeout(wait, self.signals.asked.notified()).await;
+                    }
+                }
+            }
+        }
+        self.signals.rechecks_done.set(true);
         self.signals.queued.notify_one();
         Ok(summary)
     }
 
     /// Re-reads what is due from the source and queues what it found.
-    async fn recheck_due(&self, summary: &mut Summary) -> Result<(), RunError> {
-        let Some(fetcher) = self.fetcher else { return Ok(()) };
+    async fn due(&self, fetcher: &SourceFetcher, summary: &mut Summary) -> Result<(), RunError> {
         loop {
             let due = self.store.due_rechecks(now_ms(), self.config.batch_size)?;
             if due.is_empty() {
@@ -173,17 +216,17 @@ impl Ingest<'_> {
             let after_ms = self.options.recheck_after.map_or(0, |after| after.as_millis() as u64);
             self.store.rechecked(&due, &events, &dead, after_ms)?;
             summary.rechecks += due.len() as u64;
-            self.reported(&dead, summary);
+            report_dead(self.report, &dead, summary);
             self.signals.queued.notify_one();
         }
     }
+}
 
-    fn reported(&self, dead: &[DeadLetter], summary: &mut Summary) {
-        for letter in dead {
-            (self.report)(letter);
-        }
-        summary.dead_letters += dead.len() as u64;
+fn report_dead(report: &dyn Fn(&DeadLetter), dead: &[DeadLetter], summary: &mut Summary) {
+    for letter in dead {
+        report(letter);
     }
+    summary.dead_letters += dead.len() as u64;
 }
 
 /// The re-reads a batch asks for: every thing created or updated (its
@@ -233,11 +276,11 @@ impl Apply<'_> {
     async fn run<K: Sink>(&self, pipeline: &mut Pipeline, sink: &mut K) -> Result<Summary, RunError> {
         let mut summary = Summary::default();
         loop {
-            // Read "done" first: what ingest stored before saying so is in the queue then.
-            let ingest_done = self.signals.ingest_done.get();
+            // Read "done" first: what was stored before saying so is in the queue then.
+            let done = self.signals.ingest_done.get() && self.signals.rechecks_done.get();
             let queued = self.store.queued(0, self.config.batch_size)?;
             let Some(&(through, _)) = queued.last() else {
-                if ingest_done {
+                if done {
                     return Ok(summary);
                 }
                 self.signals.queued.notified().await;
