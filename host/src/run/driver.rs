@@ -1,4 +1,4 @@
-//! The loop of `iotdr run`. Two halves run concurrently on the one runtime:
+//! The loop of `iotdr run`. Three parts run concurrently on the one runtime:
 //!
 //! - **ingest** reads a batch from the source, decodes it, completes it from
 //!   the source region, and stores it in the state store's queue with the
