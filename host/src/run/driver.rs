@@ -74,10 +74,9 @@ pub async fn run<S: Source, K: Sink>(
 ) -> Result<Summary, RunError> {
     let signals = Signals::default();
     let ingest = Ingest { config, store, fetcher, options, signals: &signals, report };
-    let rechecks = SecondReads { config, store, fetcher, options, signals: &signals, report };
     let apply = Apply { config, store, signals: &signals, report };
     let (mut ingested, reread, applied) =
-        futures_util::future::try_join3(ingest.run(source), rechecks.run(), apply.run(pipeline, sink)).await?;
+        futures_util::future::try_join3(ingest.run(source), ingest.second_reads(), apply.run(pipeline, sink)).await?;
     ingested.add(reread);
     ingested.add(applied);
     Ok(ingested)
@@ -159,20 +158,11 @@ impl Ingest<'_> {
     }
 }
 
-/// The second reads, beside ingest.
-struct SecondReads<'a> {
-    config: &'a config::Pipeline,
-    store: &'a StateStore,
-    fetcher: Option<&'a SourceFetcher>,
-    options: &'a Options,
-    signals: &'a Signals,
-    report: &'a dyn Fn(&DeadLetter),
-}
-
-impl SecondReads<'_> {
+/// The second reads, beside ingest: they share its wiring.
+impl Ingest<'_> {
     /// Makes the second reads as they come due. Until idle, it ends once
     /// ingest has and none is pending.
-    async fn run(&self) -> Result<Summary, RunError> {
+    async fn second_reads(&self) -> Result<Summary, RunError> {
         let mut summary = Summary::default();
         if let Some(fetcher) = self.fetcher {
             loop {
