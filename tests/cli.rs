@@ -127,7 +127,7 @@ fn a_dry_run_of_the_demo_prints_one_planned_call_per_line() {
 }
 
 #[test]
-fn run_refuses_a_source_it_cannot_read_yet() {
+fn run_points_a_scan_source_to_sync() {
     let dir = tempfile::tempdir().unwrap();
     let path = demo_pipeline_in(dir.path(), |t| {
         let without_path: Vec<&str> = t.lines().filter(|l| !l.starts_with("path = ")).collect();
@@ -135,7 +135,7 @@ fn run_refuses_a_source_it_cannot_read_yet() {
     });
     let out = iotdr(&["run", path.to_str().unwrap(), "--until-idle"], dir.path());
     assert_eq!(out.status.code(), Some(1));
-    assert!(text(&out.stderr).contains("the `scan` source is not available"), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("run it with `iotdr sync"), "{}", text(&out.stderr));
 }
 
 #[test]

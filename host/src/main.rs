@@ -1,6 +1,6 @@
 //! The `iotdr` command line.
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use iotdr::aws::{Limiter, ReadPlan, RegionClients, SourceFetcher};
 use iotdr::config::Pipeline as PipelineConfig;
@@ -9,7 +9,7 @@ use iotdr::pipeline::Pipeline;
 use iotdr::plugin::{Fate, PluginEngine, StageLimits, StageRunner};
 use iotdr::run::{Options, replay, run};
 use iotdr::sink::{AwsSink, DryRun};
-use iotdr::source::{AnySource, DynamodbStream, FileSource, MqttSource};
+use iotdr::source::{AnySource, DynamodbStream, FileSource, MqttSource, RegistryScan};
 use iotdr::state::{DeadLetter, StateStore, Step};
 use std::io::Write;
 use std::path::PathBuf;
@@ -59,6 +59,19 @@ enum Command {
         /// for this long (`3s`, `500ms`).
         #[arg(long, default_value = "3s", value_parser = parse_duration)]
         idle_after: Duration,
+    },
+    /// Copies the source region's whole registry (types, groups, billing
+    /// groups, policies, certificates, things with their memberships,
+    /// principals and shadows) through the pipeline's stages to its targets.
+    /// An interrupted sync resumes at the page it stopped at.
+    Sync {
+        pipeline: PathBuf,
+        /// Print the API calls it would make instead of making them.
+        #[arg(long)]
+        dry_run: bool,
+        /// Start the listing again from its beginning instead of resuming.
+        #[arg(long)]
+        from_start: bool,
     },
     /// Lists, replays or purges the dead letters of a pipeline (kept in its state folder).
     DeadLetters {
@@ -181,7 +194,19 @@ async fn open_source(
             let source = MqttSource::new(settings, idle_after, 4 * config.batch_size + 64)?;
             Ok(AnySource::Mqtt(Box::new(source)))
         }
-        other => bail!("the {other:?} source is not available in this version"),
+        iotdr::config::Source::Scan => {
+            let key = RegistryScan::checkpoint_key(&config.source_region);
+            if from_start {
+                state.remove_checkpoints(&key)?;
+            }
+            let settings = config.regions.get(&config.source_region).cloned().unwrap_or_default();
+            // Shadows are read too: the data plane is needed.
+            let clients = RegionClients::connect(&config.source_region, &settings, true)
+                .await
+                .map_err(|e| anyhow::anyhow!("connecting to the source region {}: {e}", config.source_region))?;
+            let scan = RegistryScan::new(clients, limiter.clone(), state.checkpoint(&key)?.as_deref());
+            Ok(AnySource::Scan(Box::new(scan)))
+        }
     }
 }
 
@@ -221,73 +246,23 @@ async fn execute(cli: Cli) -> Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
+        Command::Sync { pipeline, dry_run, from_start } => {
+            let mut config = PipelineConfig::load(&pipeline)?;
+            config.source = iotdr::config::Source::Scan;
+            let run = RunFlags { dry_run, until_idle: true, fetch: false, from_start, idle_after: Duration::ZERO };
+            run_pipeline(&pipeline, config, run, cli.cache_dir).await
+        }
         Command::Run { pipeline, dry_run, until_idle, fetch, from_start, idle_after } => {
             let config = PipelineConfig::load(&pipeline)?;
             if config.source == iotdr::config::Source::Scan {
-                bail!(
-                    "{}: the `scan` source is not available in this version (see `iotdr sync` on the roadmap)",
+                anyhow::bail!(
+                    "{}: a `scan` source lists the whole source region once: run it with `iotdr sync {}`",
+                    pipeline.display(),
                     pipeline.display()
                 );
             }
-            let engine = engine(cli.cache_dir)?;
-            let mut built = Pipeline::build(&config, &engine)?;
-            // One limiter for the run: one bucket per region and operation,
-            // the source region's reads and the targets' writes alike.
-            let limiter = Arc::new(Limiter::from_config(&config.apply));
-            let fetcher =
-                if fetch || !dry_run {
-                    Some(SourceFetcher::connect(&config, limiter.clone()).await.map_err(|e| {
-                        anyhow::anyhow!("connecting to the source region {}: {e}", config.source_region)
-                    })?)
-                } else {
-                    None
-                };
-            // A dry run changes nothing: its queue and positions live in memory.
-            let state = Arc::new(if dry_run { StateStore::in_memory()? } else { StateStore::open(&config.state_dir)? });
-            let mut source = open_source(&config, &state, &limiter, from_start, until_idle, idle_after).await?;
-            let options = Options {
-                until_idle,
-                poll_interval: Duration::from_millis(200),
-                recheck_after: if dry_run { None } else { config.ingest.recheck_after },
-                queue_limit: config.ingest.queue_limit,
-            };
-            if dry_run {
-                let stdout = std::io::stdout();
-                let mut sink = DryRun::new(stdout.lock());
-                // Dead letters are reported on stderr.
-                let report = |letter: &DeadLetter| {
-                    eprintln!("dead letter: {}", serde_json::to_string(&letter.redacted()).expect("JSON"));
-                };
-                let summary =
-                    run(&config, &state, &mut source, fetcher.as_ref(), &mut built, &mut sink, &options, &report)
-                        .await?;
-                eprintln!("summary: {}", serde_json::to_string(&summary).expect("JSON"));
-                return Ok(ExitCode::SUCCESS);
-            }
-            let mut sink = AwsSink::connect(&config, state.clone(), limiter.clone()).await?;
-            let stored = |_: &DeadLetter| {};
-            let summary =
-                run(&config, &state, &mut source, fetcher.as_ref(), &mut built, &mut sink, &options, &stored).await?;
-            let stats = sink.stats();
-            let changes = summary.changes;
-            eprintln!(
-                "summary: {}",
-                serde_json::json!({
-                    "run": summary,
-                    "requests": stats,
-                    "source_requests": fetcher.as_ref().map(|f| f.stats()),
-                    "calls_per_change": if changes == 0 { 0.0 } else { stats.calls as f64 / changes as f64 },
-                })
-            );
-            if summary.dead_letters > 0 {
-                eprintln!(
-                    "{} dead letter(s) kept in {}: see `iotdr dead-letters list {}`",
-                    summary.dead_letters,
-                    state.path().display(),
-                    pipeline.display()
-                );
-            }
-            Ok(ExitCode::SUCCESS)
+            let run = RunFlags { dry_run, until_idle, fetch, from_start, idle_after };
+            run_pipeline(&pipeline, config, run, cli.cache_dir).await
         }
         Command::DeadLetters { command } => dead_letters(command, cli.cache_dir).await,
         Command::Plugin { command: PluginCommand::Test { plugin, events, config, source_region, targets } } => {
@@ -348,6 +323,85 @@ async fn execute(cli: Cli) -> Result<ExitCode> {
             Ok(if failures == 0 { ExitCode::SUCCESS } else { ExitCode::from(3) })
         }
     }
+}
+
+/// How `run` (or `sync`) was asked to run.
+struct RunFlags {
+    dry_run: bool,
+    until_idle: bool,
+    fetch: bool,
+    from_start: bool,
+    idle_after: Duration,
+}
+
+/// `iotdr run`, and `iotdr sync` (the same with the `scan` source).
+async fn run_pipeline(
+    pipeline: &std::path::Path,
+    config: PipelineConfig,
+    flags: RunFlags,
+    cache_dir: Option<PathBuf>,
+) -> Result<ExitCode> {
+    let RunFlags { dry_run, until_idle, fetch, from_start, idle_after } = flags;
+    let engine = engine(cache_dir)?;
+    let mut built = Pipeline::build(&config, &engine)?;
+    // One limiter for the run: one bucket per region and operation,
+    // the source region's reads and the targets' writes alike.
+    let limiter = Arc::new(Limiter::from_config(&config.apply));
+    // A scan reads everything an event needs itself, and reads it now.
+    let scan = config.source == iotdr::config::Source::Scan;
+    let fetcher = if !scan && (fetch || !dry_run) {
+        Some(
+            SourceFetcher::connect(&config, limiter.clone())
+                .await
+                .map_err(|e| anyhow::anyhow!("connecting to the source region {}: {e}", config.source_region))?,
+        )
+    } else {
+        None
+    };
+    // A dry run changes nothing: its queue and positions live in memory.
+    let state = Arc::new(if dry_run { StateStore::in_memory()? } else { StateStore::open(&config.state_dir)? });
+    let mut source = open_source(&config, &state, &limiter, from_start, until_idle, idle_after).await?;
+    let options = Options {
+        until_idle,
+        poll_interval: Duration::from_millis(200),
+        recheck_after: if dry_run { None } else { config.ingest.recheck_after },
+        queue_limit: config.ingest.queue_limit,
+    };
+    if dry_run {
+        let stdout = std::io::stdout();
+        let mut sink = DryRun::new(stdout.lock());
+        // Dead letters are reported on stderr.
+        let report = |letter: &DeadLetter| {
+            eprintln!("dead letter: {}", serde_json::to_string(&letter.redacted()).expect("JSON"));
+        };
+        let summary =
+            run(&config, &state, &mut source, fetcher.as_ref(), &mut built, &mut sink, &options, &report).await?;
+        eprintln!("summary: {}", serde_json::to_string(&summary).expect("JSON"));
+        return Ok(ExitCode::SUCCESS);
+    }
+    let mut sink = AwsSink::connect(&config, state.clone(), limiter.clone()).await?;
+    let stored = |_: &DeadLetter| {};
+    let summary = run(&config, &state, &mut source, fetcher.as_ref(), &mut built, &mut sink, &options, &stored).await?;
+    let stats = sink.stats();
+    let changes = summary.changes;
+    eprintln!(
+        "summary: {}",
+        serde_json::json!({
+            "run": summary,
+            "requests": stats,
+            "source_requests": fetcher.as_ref().map(|f| f.stats()),
+            "calls_per_change": if changes == 0 { 0.0 } else { stats.calls as f64 / changes as f64 },
+        })
+    );
+    if summary.dead_letters > 0 {
+        eprintln!(
+            "{} dead letter(s) kept in {}: see `iotdr dead-letters list {}`",
+            summary.dead_letters,
+            state.path().display(),
+            pipeline.display()
+        );
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 async fn dead_letters(command: DeadLetterCommand, cache_dir: Option<PathBuf>) -> Result<ExitCode> {

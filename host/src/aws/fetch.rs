@@ -59,9 +59,9 @@ impl SourceFetcher {
     /// that make a target hold what the source holds now: a thing with its
     /// attributes, type and principals, after its certificates (read again
     /// too) and the policies new to this run; or a certificate with its PEM,
-    /// status and policies. They take
-    /// the time, account and targets of `cause`, the event that asked for the
-    /// re-read. Nothing when the entity is gone (its deletion has an event).
+    /// status and policies. They take the time, account and targets of
+    /// `cause`, the event that asked for the re-read. Nothing when the entity
+    /// is gone (its deletion has an event).
     pub async fn reread(&self, kind: &str, name: &str, cause: &Event) -> Result<Vec<Event>, Box<DeadLetter>> {
         let fail = |what: &str, e: AwsError| {
             Box::new(DeadLetter::for_event(

@@ -6,10 +6,12 @@
 mod dynamodb_stream;
 mod file;
 mod mqtt;
+mod scan;
 
 pub use dynamodb_stream::{DynamodbStream, ShardGraph};
 pub use file::FileSource;
 pub use mqtt::{DEFAULT_TOPICS as MQTT_DEFAULT_TOPICS, MqttSettings, MqttSource};
+pub use scan::RegistryScan;
 
 use std::future::Future;
 
@@ -56,6 +58,7 @@ pub enum AnySource {
     File(FileSource),
     DynamodbStream(Box<DynamodbStream>),
     Mqtt(Box<MqttSource>),
+    Scan(Box<RegistryScan>),
 }
 
 impl Source for AnySource {
@@ -64,6 +67,7 @@ impl Source for AnySource {
             AnySource::File(source) => source.read(max).await,
             AnySource::DynamodbStream(source) => source.read(max).await,
             AnySource::Mqtt(source) => source.read(max).await,
+            AnySource::Scan(source) => source.read(max).await,
         }
     }
 
@@ -72,6 +76,7 @@ impl Source for AnySource {
             AnySource::File(source) => source.idle(),
             AnySource::DynamodbStream(source) => source.idle(),
             AnySource::Mqtt(source) => source.idle(),
+            AnySource::Scan(source) => source.idle(),
         }
     }
 
@@ -80,6 +85,7 @@ impl Source for AnySource {
             AnySource::File(source) => source.acknowledge().await,
             AnySource::DynamodbStream(source) => source.acknowledge().await,
             AnySource::Mqtt(source) => source.acknowledge().await,
+            AnySource::Scan(source) => source.acknowledge().await,
         }
     }
 }

@@ -1,0 +1,472 @@
+//! The `scan` source (`iotdr sync`): the source region's whole registry,
+//! listed page by page as complete native events, so that a bulk sync goes
+//! through the same stages, ledger, limits, dead letters and crash safety as
+//! live events.
+//!
+//! Phases, in the order the target needs them: thing types; thing groups
+//! (all of them described, then parents before children); billing groups;
+//! policies (default version); certificates (PEM, status, policies); things
+//! (attributes, type, principals), each followed by its group and
+//! billing-group memberships and its classic and named shadows. The cursor
+//! (phase and page token) is checkpointed with each batch: an interrupted
+//! sync resumes at the page it stopped at. Events carry the time their page
+//! was read: what the source holds now is newer than any event before it.
+
+use super::{Batch, Record, Source, SourceError};
+use crate::aws::{AwsError, ErrorKind, Limiter, RegionClients};
+use crate::event::{Entity, Event, Operation, related};
+use futures_util::StreamExt;
+use serde_json::{Map, Value, json};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+/// Things described at once.
+const CONCURRENCY: usize = 16;
+/// Things per page (ListThings allows up to 250).
+const THINGS_PER_PAGE: i32 = 100;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Types,
+    Groups,
+    BillingGroups,
+    Policies,
+    Certificates,
+    Things,
+    Done,
+}
+
+const PHASES: [(Phase, &str); 7] = [
+    (Phase::Types, "types"),
+    (Phase::Groups, "groups"),
+    (Phase::BillingGroups, "billing-groups"),
+    (Phase::Policies, "policies"),
+    (Phase::Certificates, "certificates"),
+    (Phase::Things, "things"),
+    (Phase::Done, "done"),
+];
+
+impl Phase {
+    fn name(self) -> &'static str {
+        PHASES.iter().find(|(p, _)| *p == self).map(|(_, n)| *n).expect("every phase is named")
+    }
+
+    fn next(self) -> Phase {
+        let index = PHASES.iter().position(|(p, _)| *p == self).expect("every phase is listed");
+        PHASES.get(index + 1).map_or(Phase::Done, |(p, _)| *p)
+    }
+}
+
+pub struct RegistryScan {
+    clients: RegionClients,
+    limiter: Arc<Limiter>,
+    phase: Phase,
+    token: Option<String>,
+    idle: bool,
+}
+
+macro_rules! send {
+    ($self:ident, $operation:literal, $request:expr) => {{
+        let request = $request;
+        $self
+            .limiter
+            .send(&$self.clients.region, $operation, || {
+                let request = request.clone();
+                async move { request.send().await.map_err(AwsError::from_sdk) }
+            })
+            .await
+    }};
+}
+
+impl RegistryScan {
+    /// Scans the region `clients` reach (their data plane too, for shadows),
+    /// from `checkpoint` (a position this source stored) or the start. A
+    /// finished scan's checkpoint starts a new one.
+    pub fn new(clients: RegionClients, limiter: Arc<Limiter>, checkpoint: Option<&str>) -> RegistryScan {
+        let (phase, token) = checkpoint
+            .and_then(|position| {
+                let (phase, token) = position.split_once(' ').unwrap_or((position, ""));
+                let phase = PHASES.iter().find(|(_, name)| *name == phase)?.0;
+                Some((phase, (!token.is_empty()).then(|| token.to_string())))
+            })
+            .filter(|(phase, _)| *phase != Phase::Done)
+            .unwrap_or((Phase::Types, None));
+        RegistryScan { clients, limiter, phase, token, idle: false }
+    }
+
+    /// The key its checkpoint is stored under.
+    pub fn checkpoint_key(region: &str) -> String {
+        format!("scan:{region}")
+    }
+
+    fn error(&self, what: &str, e: AwsError) -> SourceError {
+        SourceError { source_name: format!("scan of {}", self.clients.region), message: format!("{what}: {e}") }
+    }
+
+    fn event(&self, entity: Entity, name: &str, read_at_ms: u64) -> Event {
+        let mut event = Event::new(entity, Operation::Created, name);
+        event.id = format!("scan-{}-{name}-{read_at_ms}", entity_name(entity));
+        event.source_region = self.clients.region.clone();
+        event.timestamp_ms = read_at_ms;
+        event
+    }
+
+    async fn types(&self, now: u64) -> Result<(Vec<Event>, Option<String>), SourceError> {
+        let page =
+            send!(self, "ListThingTypes", self.clients.iot.list_thing_types().set_next_token(self.token.clone()))
+                .map_err(|e| self.error("listing thing types", e))?;
+        let mut events = Vec::new();
+        for listed in page.thing_types.unwrap_or_default() {
+            let Some(name) = listed.thing_type_name else { continue };
+            let mut event = self.event(Entity::ThingType, &name, now);
+            let mut document = Map::new();
+            if let Some(properties) = listed.thing_type_properties {
+                if let Some(description) = properties.thing_type_description {
+                    document.insert("description".into(), description.into());
+                }
+                if let Some(searchable) = properties.searchable_attributes {
+                    document.insert("searchableAttributes".into(), searchable.into());
+                }
+            }
+            let deprecated = listed.thing_type_metadata.is_some_and(|m| m.deprecated);
+            document.insert("deprecated".into(), deprecated.into());
+            event.document = Some(Value::Object(document).to_string());
+            events.push(event);
+        }
+        Ok((events, page.next_token))
+    }
+
+    /// Every group, described, parents before children (one batch: a
+    /// child's page may come before its parent's).
+    async fn groups(&self, now: u64) -> Result<Vec<Event>, SourceError> {
+        let mut names = Vec::new();
+        let mut token = None;
+        loop {
+            let page = send!(self, "ListThingGroups", self.clients.iot.list_thing_groups().set_next_token(token))
+                .map_err(|e| self.error("listing thing groups", e))?;
+            names.extend(page.thing_groups.unwrap_or_default().into_iter().filter_map(|g| g.group_name));
+            token = page.next_token;
+            if token.is_none() {
+                break;
+            }
+        }
+        let described = futures_util::stream::iter(names.iter().map(|name| async move {
+            send!(self, "DescribeThingGroup", self.clients.iot.describe_thing_group().thing_group_name(name))
+                .map_err(|e| self.error(&format!("describing thing group {name}"), e))
+        }))
+        .buffered(CONCURRENCY)
+        .collect::<Vec<_>>()
+        .await;
+        let mut events = BTreeMap::new();
+        let mut parents = HashMap::new();
+        for group in described {
+            let group = group?;
+            let Some(name) = group.thing_group_name else { continue };
+            let mut event = self.event(Entity::ThingGroup, &name, now);
+            event.version = (group.version > 0).then_some(group.version as u64);
+            let mut document = Map::new();
+            if let Some(properties) = group.thing_group_properties {
+                if let Some(description) = properties.thing_group_description {
+                    document.insert("description".into(), description.into());
+                }
+                event.attributes =
+                    properties.attribute_payload.and_then(|p| p.attributes).unwrap_or_default().into_iter().collect();
+            }
+            if group.query_string.is_some() {
+                document.insert("dynamic".into(), true.into());
+            }
+            event.document = Some(Value::Object(document).to_string());
+            let parent = group.thing_group_metadata.and_then(|m| m.parent_group_name);
+            event.set_related(related::PARENT_GROUP, parent.clone());
+            parents.insert(name.clone(), parent);
+            events.insert(name, event);
+        }
+        // Parents first: a group's depth is its chain of parents (at most 7 in AWS).
+        let depth = |name: &str| {
+            let mut depth = 0;
+            let mut at = parents.get(name).cloned().flatten();
+            while let Some(parent) = at {
+                depth += 1;
+                if depth > parents.len() {
+                    break;
+                }
+                at = parents.get(&parent).cloned().flatten();
+            }
+            depth
+        };
+        let mut ordered: Vec<Event> = events.into_values().collect();
+        ordered.sort_by_key(|event| depth(&event.name));
+        Ok(ordered)
+    }
+
+    async fn billing_groups(&self, now: u64) -> Result<(Vec<Event>, Option<String>), SourceError> {
+        let page =
+            send!(self, "ListBillingGroups", self.clients.iot.list_billing_groups().set_next_token(self.token.clone()))
+                .map_err(|e| self.error("listing billing groups", e))?;
+        let mut events = Vec::new();
+        for listed in page.billing_groups.unwrap_or_default() {
+            let Some(name) = listed.group_name else { continue };
+            let described = send!(
+                self,
+                "DescribeBillingGroup",
+                self.clients.iot.describe_billing_group().billing_group_name(&name)
+            )
+            .map_err(|e| self.error(&format!("describing billing group {name}"), e))?;
+            let mut event = self.event(Entity::BillingGroup, &name, now);
+            let description = described.billing_group_properties.and_then(|p| p.billing_group_description);
+            event.document = Some(json!({ "description": description }).to_string());
+            events.push(event);
+        }
+        Ok((events, page.next_token))
+    }
+
+    async fn policies(&self, now: u64) -> Result<(Vec<Event>, Option<String>), SourceError> {
+        let page = send!(self, "ListPolicies", self.clients.iot.list_policies().set_marker(self.token.clone()))
+            .map_err(|e| self.error("listing policies", e))?;
+        let mut events = Vec::new();
+        for listed in page.policies.unwrap_or_default() {
+            let Some(name) = listed.policy_name else { continue };
+            let got = match send!(self, "GetPolicy", self.clients.iot.get_policy().policy_name(&name)) {
+                Ok(got) => got,
+                // Deleted since it was listed.
+                Err(e) if e.is(ErrorKind::NotFound) => continue,
+                Err(e) => return Err(self.error(&format!("reading policy {name}"), e)),
+            };
+            let mut event = self.event(Entity::Policy, &name, now);
+            event.document = got.policy_document;
+            events.push(event);
+        }
+        Ok((events, page.next_marker))
+    }
+
+    async fn certificates(&self, now: u64) -> Result<(Vec<Event>, Option<String>), SourceError> {
+        let page = send!(self, "ListCertificates", self.clients.iot.list_certificates().set_marker(self.token.clone()))
+            .map_err(|e| self.error("listing certificates", e))?;
+        let ids: Vec<String> =
+            page.certificates.unwrap_or_default().into_iter().filter_map(|c| c.certificate_id).collect();
+        let read = futures_util::stream::iter(ids.iter().map(|id| self.certificate(id, now)))
+            .buffered(CONCURRENCY)
+            .collect::<Vec<_>>()
+            .await;
+        let mut events = Vec::new();
+        for certificate in read {
+            events.extend(certificate?);
+        }
+        Ok((events, page.next_marker))
+    }
+
+    async fn certificate(&self, id: &str, now: u64) -> Result<Option<Event>, SourceError> {
+        let described =
+            match send!(self, "DescribeCertificate", self.clients.iot.describe_certificate().certificate_id(id)) {
+                Ok(out) => out
+                    .certificate_description
+                    .unwrap_or_else(|| aws_sdk_iot::types::CertificateDescription::builder().build()),
+                Err(e) if e.is(ErrorKind::NotFound) => return Ok(None),
+                Err(e) => return Err(self.error(&format!("describing certificate {id}"), e)),
+            };
+        let (Some(pem), Some(arn)) = (described.certificate_pem, described.certificate_arn) else { return Ok(None) };
+        let attached = send!(self, "ListAttachedPolicies", self.clients.iot.list_attached_policies().target(&arn))
+            .map_err(|e| self.error(&format!("listing the policies of certificate {id}"), e))?;
+        let mut event = self.event(Entity::Certificate, id, now);
+        event.account_id = account_of(&arn);
+        let status = described.status.map_or_else(|| "ACTIVE".to_string(), |s| s.as_str().to_string());
+        event.set_related(related::CERTIFICATE_STATUS, Some(status));
+        for policy in attached.policies.unwrap_or_default().into_iter().filter_map(|p| p.policy_name) {
+            event.related.push((related::POLICY.into(), policy));
+        }
+        event.document = Some(json!({ "certificatePem": pem }).to_string());
+        Ok(Some(event))
+    }
+
+    async fn things(&self, now: u64) -> Result<(Vec<Event>, Option<String>), SourceError> {
+        let page = send!(
+            self,
+            "ListThings",
+            self.clients.iot.list_things().max_results(THINGS_PER_PAGE).set_next_token(self.token.clone())
+        )
+        .map_err(|e| self.error("listing things", e))?;
+        let listed = page.things.unwrap_or_default();
+        let read = futures_util::stream::iter(listed.into_iter().map(|thing| self.thing(thing, now)))
+            .buffered(CONCURRENCY)
+            .collect::<Vec<_>>()
+            .await;
+        let mut events = Vec::new();
+        for thing in read {
+            events.extend(thing?);
+        }
+        Ok((events, page.next_token))
+    }
+
+    /// A thing, then its memberships and shadows.
+    async fn thing(&self, listed: aws_sdk_iot::types::ThingAttribute, now: u64) -> Result<Vec<Event>, SourceError> {
+        let Some(name) = listed.thing_name else { return Ok(Vec::new()) };
+        let account = listed.thing_arn.as_deref().map(account_of).unwrap_or_default();
+        let fail = |what: &str, e: AwsError| self.error(&format!("{what} of thing {name}"), e);
+        let gone = |e: &AwsError| e.is(ErrorKind::NotFound);
+        // Deleted since it was listed: its deletion has an event of its own.
+        let described = match send!(self, "DescribeThing", self.clients.iot.describe_thing().thing_name(&name)) {
+            Ok(described) => described,
+            Err(e) if gone(&e) => return Ok(Vec::new()),
+            Err(e) => return Err(fail("describing", e)),
+        };
+        let principals =
+            match send!(self, "ListThingPrincipals", self.clients.iot.list_thing_principals().thing_name(&name)) {
+                Ok(out) => out.principals.unwrap_or_default(),
+                Err(e) if gone(&e) => return Ok(Vec::new()),
+                Err(e) => return Err(fail("listing the principals", e)),
+            };
+        let groups =
+            send!(self, "ListThingGroupsForThing", self.clients.iot.list_thing_groups_for_thing().thing_name(&name))
+                .map_err(|e| fail("listing the groups", e))?
+                .thing_groups
+                .unwrap_or_default();
+        let mut thing = self.event(Entity::Thing, &name, now);
+        thing.account_id = account.clone();
+        thing.version = (described.version > 0).then_some(described.version as u64);
+        thing.attributes = described.attributes.unwrap_or_default().into_iter().collect();
+        thing.set_related(related::THING_TYPE, described.thing_type_name);
+        for principal in principals {
+            if let Some((_, id)) = principal.rsplit_once(":cert/") {
+                thing.related.push((related::PRINCIPAL.into(), id.to_string()));
+            }
+        }
+        let mut events = Vec::new();
+        for group in groups.into_iter().filter_map(|g| g.group_name) {
+            let mut membership = self.event(Entity::ThingGroupMembership, &name, now);
+            membership.id = format!("scan-membership-{name}-{group}-{now}");
+            membership.operation = Operation::Added;
+            membership.account_id = account.clone();
+            membership.set_related(related::THING_GROUP, Some(group));
+            events.push(membership);
+        }
+        if let Some(group) = described.billing_group_name {
+            let mut membership = self.event(Entity::BillingGroupMembership, &name, now);
+            membership.id = format!("scan-billing-membership-{name}-{group}-{now}");
+            membership.operation = Operation::Added;
+            membership.account_id = account.clone();
+            membership.set_related(related::BILLING_GROUP, Some(group));
+            events.push(membership);
+        }
+        events.extend(self.shadows(&name, &account, now).await?);
+        events.insert(0, thing);
+        Ok(events)
+    }
+
+    /// The thing's classic and named shadows, as their last update.
+    async fn shadows(&self, thing: &str, account: &str, now: u64) -> Result<Vec<Event>, SourceError> {
+        let fail = |e: AwsError| self.error(&format!("reading the shadows of thing {thing}"), e);
+        let mut names = vec![None];
+        let mut token = None;
+        loop {
+            let page = send!(
+                self,
+                "ListNamedShadowsForThing",
+                self.clients.data.list_named_shadows_for_thing().thing_name(thing).set_next_token(token)
+            )
+            .map_err(fail)?;
+            names.extend(page.results.unwrap_or_default().into_iter().map(Some));
+            token = page.next_token;
+            if token.is_none() {
+                break;
+            }
+        }
+        let mut events = Vec::new();
+        for shadow in names {
+            let got = match send!(
+                self,
+                "GetThingShadow",
+                self.clients.data.get_thing_shadow().thing_name(thing).set_shadow_name(shadow.clone())
+            ) {
+                Ok(got) => got,
+                // A thing without a classic shadow, or a shadow deleted since.
+                Err(e) if e.is(ErrorKind::NotFound) => continue,
+                Err(e) => return Err(fail(e)),
+            };
+            let document: Value =
+                got.payload.and_then(|p| serde_json::from_slice(p.as_ref()).ok()).unwrap_or(Value::Null);
+            let mut state = Map::new();
+            for part in ["desired", "reported"] {
+                if let Some(value) = document["state"].get(part).filter(|v| !v.is_null()) {
+                    state.insert(part.into(), value.clone());
+                }
+            }
+            let mut event = self.event(Entity::Shadow, thing, now);
+            event.operation = Operation::Updated;
+            event.account_id = account.to_string();
+            event.version = document["version"].as_u64();
+            event.id =
+                format!("scan-shadow-{thing}-{}-{}", shadow.as_deref().unwrap_or(""), event.version.unwrap_or(0));
+            event.set_related(related::SHADOW_NAME, shadow);
+            event.document = Some(json!({ "state": state }).to_string());
+            events.push(event);
+        }
+        Ok(events)
+    }
+}
+
+impl Source for RegistryScan {
+    async fn read(&mut self, _max: usize) -> Result<Batch, SourceError> {
+        // One page per read: a page is what the cursor can resume after.
+        let now = now_ms();
+        let (events, token) = match self.phase {
+            Phase::Types => self.types(now).await?,
+            Phase::Groups => (self.groups(now).await?, None),
+            Phase::BillingGroups => self.billing_groups(now).await?,
+            Phase::Policies => self.policies(now).await?,
+            Phase::Certificates => self.certificates(now).await?,
+            Phase::Things => self.things(now).await?,
+            Phase::Done => {
+                self.idle = true;
+                return Ok(Batch::default());
+            }
+        };
+        match token {
+            Some(token) => self.token = Some(token),
+            None => {
+                self.phase = self.phase.next();
+                self.token = None;
+            }
+        }
+        let position = match &self.token {
+            Some(token) => format!("{} {token}", self.phase.name()),
+            None => self.phase.name().to_string(),
+        };
+        let origin = format!("scan of {} ({})", self.clients.region, self.phase.name());
+        let records = events
+            .into_iter()
+            .map(|event| Record { text: json!({ "event": event }).to_string(), origin: origin.clone() })
+            .collect();
+        Ok(Batch { records, checkpoints: vec![(Self::checkpoint_key(&self.clients.region), position)] })
+    }
+
+    fn idle(&self) -> bool {
+        self.idle
+    }
+}
+
+/// The account of an ARN (`arn:aws:iot:<region>:<account>:...`).
+fn account_of(arn: &str) -> String {
+    arn.split(':').nth(4).unwrap_or_default().to_string()
+}
+
+fn entity_name(entity: Entity) -> String {
+    serde_json::to_value(entity).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default()
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn phases_run_in_order_and_a_finished_scan_starts_again() {
+        let order: Vec<&str> = std::iter::successors(Some(Phase::Types), |p| (*p != Phase::Done).then(|| p.next()))
+            .map(Phase::name)
+            .collect();
+        assert_eq!(order, ["types", "groups", "billing-groups", "policies", "certificates", "things", "done"]);
+        assert_eq!(account_of("arn:aws:iot:us-east-1:123456789012:thing/pump-1"), "123456789012");
+    }
+}

@@ -1,0 +1,98 @@
+//! `iotdr sync` against moto: an existing fleet, never seen as events, copied
+//! into an empty region through the pipeline and compared field by field.
+
+mod common;
+
+use common::fleet::seed;
+use common::moto::Moto;
+use common::region_state::{assert_same, region_state, without_shadow_versions};
+use common::runner::{Run, iotdr};
+use serde_json::Value;
+
+const SOURCE: &str = "us-east-1";
+const TARGET: &str = "eu-west-1";
+
+fn sync(moto: &Moto, test: &Run, args: &[&str]) -> Value {
+    let mut all = vec!["sync", test.pipeline.to_str().unwrap()];
+    all.extend_from_slice(args);
+    let out = iotdr(moto, test.dir.path(), &all);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "iotdr sync failed:\n{stderr}");
+    let line = stderr.lines().find(|l| l.starts_with("summary: ")).unwrap_or_else(|| panic!("no summary:\n{stderr}"));
+    serde_json::from_str(line.trim_start_matches("summary: ")).unwrap()
+}
+
+#[tokio::test]
+async fn an_existing_fleet_is_synced_into_an_empty_region_field_by_field() {
+    let moto = Moto::start();
+    let fleet = seed(&moto, SOURCE, 120).await;
+    // What the generated fleet lacks: a billing group with members, a deprecated type.
+    let iot = moto.iot(SOURCE).await;
+    let properties = aws_sdk_iot::types::BillingGroupProperties::builder().billing_group_description("premium").build();
+    iot.create_billing_group().billing_group_name("premium").billing_group_properties(properties).send().await.unwrap();
+    for thing in ["dev-0001", "dev-0002"] {
+        iot.add_thing_to_billing_group().billing_group_name("premium").thing_name(thing).send().await.unwrap();
+    }
+    iot.create_thing_type().thing_type_name("retired").send().await.unwrap();
+    iot.deprecate_thing_type().thing_type_name("retired").send().await.unwrap();
+    // The pipeline's own source (a file) is not what a sync reads.
+    let test = Run::new(SOURCE, &moto.url, TARGET, &moto.url, &[], "");
+    let summary = sync(&moto, &test, &[]);
+    assert_eq!(summary["run"]["dead_letters"], 0, "{summary} {:?}", test.dead_letters(&moto));
+
+    let source = region_state(&moto, SOURCE).await;
+    assert_eq!(source["things"].as_object().unwrap().len(), fleet.things);
+    assert_eq!(source["things"]["dev-0001"]["billing_group"], "premium");
+    assert_eq!(source["types"]["retired"]["deprecated"], true);
+    // Shadow versions count the writes each region saw: a sync writes a
+    // shadow's state once, however many updates made it in the source.
+    assert_same(&without_shadow_versions(source.clone()), &without_shadow_versions(region_state(&moto, TARGET).await));
+
+    // Synced again: the ledger holds every shadow version already.
+    let again = sync(&moto, &test, &[]);
+    assert_eq!(again["run"]["dead_letters"], 0, "{again}");
+    let shadows = source["things"].as_object().unwrap().values().map(|t| t["shadows"].as_object().unwrap().len());
+    assert_eq!(again["run"]["stale"], shadows.sum::<usize>(), "{again}");
+    assert_same(&without_shadow_versions(source), &without_shadow_versions(region_state(&moto, TARGET).await));
+}
+
+#[tokio::test]
+async fn a_sync_killed_midway_resumes_to_the_same_end_state() {
+    let moto = Moto::start();
+    seed(&moto, SOURCE, 300).await;
+    let test = Run::new(SOURCE, &moto.url, TARGET, &moto.url, &[], "");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_iotdr"))
+        .args(["sync", test.pipeline.to_str().unwrap()])
+        .current_dir(test.dir.path())
+        .env("IOTDR_CACHE_DIR", common::cache_dir())
+        .envs(moto.env())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // Killed while it copies things (100 a page): some are there, not all.
+    let target = moto.iot(TARGET).await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    loop {
+        let listed = target.list_things().send().await.unwrap().things.unwrap_or_default().len();
+        if listed >= 50 {
+            break;
+        }
+        assert!(child.try_wait().unwrap().is_none(), "the sync ended before it could be killed");
+        assert!(std::time::Instant::now() < deadline, "no things arrived");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+
+    let summary = sync(&moto, &test, &[]);
+    assert_eq!(summary["run"]["dead_letters"], 0, "{summary} {:?}", test.dead_letters(&moto));
+    assert_same(
+        &without_shadow_versions(region_state(&moto, SOURCE).await),
+        &without_shadow_versions(region_state(&moto, TARGET).await),
+    );
+    // It resumed at its page: a whole listing (a finished sync starts again) reads more.
+    let whole = sync(&moto, &test, &[]);
+    let records = |s: &Value| s["run"]["records"].as_u64().unwrap();
+    assert!(records(&summary) < records(&whole), "resumed {summary}, whole {whole}");
+}
