@@ -10,7 +10,8 @@
 //! billing-group memberships and its classic and named shadows. The cursor
 //! (phase and page token) is checkpointed with each batch: an interrupted
 //! sync resumes at the page it stopped at. Events carry the time their page
-//! was read: what the source holds now is newer than any event before it.
+//! was read (less a margin for clock skew, `CLOCK_MARGIN_MS`): what the
+//! source holds now is newer than any event before it.
 
 use super::{Batch, Record, Source, SourceError};
 use crate::aws::{AwsError, ErrorKind, Limiter, RegionClients};
@@ -24,6 +25,13 @@ use std::sync::Arc;
 const CONCURRENCY: usize = 16;
 /// Things per page (ListThings allows up to 250).
 const THINGS_PER_PAGE: i32 = 100;
+/// How far before the read a page's events are stamped. Live events carry
+/// AWS's clock, these iotdr's: were iotdr's ahead, a change made just after
+/// the read would look older than it and be skipped as stale for good.
+/// Stamped early, a live event from just before the read is applied after
+/// it instead, which only rewrites what the read saw, and every later
+/// change follows with its own event.
+const CLOCK_MARGIN_MS: u64 = 5_000;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
@@ -407,7 +415,7 @@ impl RegistryScan {
 impl Source for RegistryScan {
     async fn read(&mut self, _max: usize) -> Result<Batch, SourceError> {
         // One page per read: a page is what the cursor can resume after.
-        let now = now_ms();
+        let now = now_ms().saturating_sub(CLOCK_MARGIN_MS);
         let (events, token) = match self.phase {
             Phase::Types => self.types(now).await?,
             Phase::Groups => (self.groups(now).await?, None),
