@@ -18,6 +18,11 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+/// How long a shadow write found in flight after a restart is given to land
+/// (sent by the run that stopped, still being processed) before it is made
+/// again. Only writes a crash interrupted wait.
+const IN_FLIGHT_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// `known` kinds in the state store.
 pub(crate) mod known {
     pub const THING: &str = "thing";
@@ -184,12 +189,20 @@ impl Applier {
             && let Order::ShadowVersion(version) = position.order
             && event.operation == Operation::Updated
         {
-            if self.state.in_flight(region, &position.key)? == Some(version)
-                && self.shadow_holds(clients, event).await?
-            {
-                tracing::debug!(region, key = %position.key, version, "shadow change found already written");
-                self.state.record_applied(region, position)?;
-                return Ok(Applied::Done);
+            if self.state.in_flight(region, &position.key)? == Some(version) {
+                // The run that stopped may have sent it a moment before it
+                // died, and the region may not have processed it yet: look
+                // again after a grace period before writing it a second time.
+                let mut holds = self.shadow_holds(clients, event).await?;
+                if !holds {
+                    tokio::time::sleep(IN_FLIGHT_GRACE).await;
+                    holds = self.shadow_holds(clients, event).await?;
+                }
+                if holds {
+                    tracing::debug!(region, key = %position.key, version, "shadow change found already written");
+                    self.state.record_applied(region, position)?;
+                    return Ok(Applied::Done);
+                }
             }
             self.state.mark_in_flight(region, &position.key, version)?;
         }

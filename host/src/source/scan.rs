@@ -355,23 +355,29 @@ impl RegistryScan {
             membership.set_related(related::BILLING_GROUP, Some(group));
             events.push(membership);
         }
-        events.extend(self.shadows(&name, &account, now).await?);
+        let Some(shadows) = self.shadows(&name, &account, now).await? else { return Ok(Vec::new()) };
+        events.extend(shadows);
         events.insert(0, thing);
         Ok(events)
     }
 
-    /// The thing's classic and named shadows, as their last update.
-    async fn shadows(&self, thing: &str, account: &str, now: u64) -> Result<Vec<Event>, SourceError> {
+    /// The thing's classic and named shadows, as their last update; `None`
+    /// when the thing is gone.
+    async fn shadows(&self, thing: &str, account: &str, now: u64) -> Result<Option<Vec<Event>>, SourceError> {
         let fail = |e: AwsError| self.error(&format!("reading the shadows of thing {thing}"), e);
         let mut names = vec![None];
         let mut token = None;
         loop {
-            let page = send!(
+            let page = match send!(
                 self,
                 "ListNamedShadowsForThing",
                 self.clients.data.list_named_shadows_for_thing().thing_name(thing).set_next_token(token)
-            )
-            .map_err(fail)?;
+            ) {
+                Ok(page) => page,
+                // Deleted since it was described: its deletion has an event.
+                Err(e) if e.is(ErrorKind::NotFound) => return Ok(None),
+                Err(e) => return Err(fail(e)),
+            };
             names.extend(page.results.unwrap_or_default().into_iter().map(Some));
             token = page.next_token;
             if token.is_none() {
@@ -408,7 +414,7 @@ impl RegistryScan {
             event.document = Some(json!({ "state": state }).to_string());
             events.push(event);
         }
-        Ok(events)
+        Ok(Some(events))
     }
 }
 
