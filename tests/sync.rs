@@ -96,3 +96,35 @@ async fn a_sync_killed_midway_resumes_to_the_same_end_state() {
     let records = |s: &Value| s["run"]["records"].as_u64().unwrap();
     assert!(records(&summary) < records(&whole), "resumed {summary}, whole {whole}");
 }
+
+#[tokio::test]
+async fn a_sync_is_refused_while_a_run_holds_the_state_folder() {
+    let moto = Moto::start();
+    let test = Run::new(SOURCE, &moto.url, TARGET, &moto.url, &[], "");
+    // A live run, following its (empty) file.
+    let mut live = std::process::Command::new(env!("CARGO_BIN_EXE_iotdr"))
+        .args(["run", test.pipeline.to_str().unwrap()])
+        .current_dir(test.dir.path())
+        .env("IOTDR_CACHE_DIR", common::cache_dir())
+        .envs(moto.env())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let lock = test.dir.path().join(".iotdr-state/lock");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while std::fs::read_to_string(&lock).unwrap_or_default().trim() != live.id().to_string() {
+        assert!(live.try_wait().unwrap().is_none(), "the live run ended");
+        assert!(std::time::Instant::now() < deadline, "the live run never took the state folder");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let out = iotdr(&moto, test.dir.path(), &["sync", test.pipeline.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains(&format!("in use by another iotdr run or sync (pid {})", live.id())), "{stderr}");
+    live.kill().unwrap();
+    live.wait().unwrap();
+    // Its death frees the folder.
+    let summary = sync(&moto, &test, &[]);
+    assert_eq!(summary["run"]["dead_letters"], 0, "{summary}");
+}

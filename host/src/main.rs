@@ -10,7 +10,7 @@ use iotdr::plugin::{Fate, PluginEngine, StageLimits, StageRunner};
 use iotdr::run::{Options, replay, run};
 use iotdr::sink::{AwsSink, DryRun};
 use iotdr::source::{AnySource, DynamodbStream, FileSource, MqttSource, RegistryScan};
-use iotdr::state::{DeadLetter, StateStore, Step};
+use iotdr::state::{DeadLetter, FolderLock, StateStore, Step};
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -359,6 +359,8 @@ async fn run_pipeline(
         None
     };
     // A dry run changes nothing: its queue and positions live in memory.
+    // One run or sync per state folder: both drain its queue.
+    let _lock = if dry_run { None } else { Some(FolderLock::take(&config.state_dir)?) };
     let state = Arc::new(if dry_run { StateStore::in_memory()? } else { StateStore::open(&config.state_dir)? });
     let mut source = open_source(&config, &state, &limiter, from_start, until_idle, idle_after).await?;
     let options = Options {

@@ -21,6 +21,47 @@ pub struct StateStore {
     conn: Mutex<Connection>,
 }
 
+/// One process's hold on a state folder: a run or a sync drains its queue,
+/// and two at once would apply events twice. Released when dropped, or
+/// when the process dies however it dies (the lock is the kernel's).
+pub struct FolderLock {
+    _file: std::fs::File,
+}
+
+impl FolderLock {
+    /// Takes `<dir>/lock`, or says which process holds it.
+    pub fn take(dir: &Path) -> Result<FolderLock, StateError> {
+        let path = dir.join("lock");
+        let fail = |message: String| StateError { path: path.clone(), message };
+        std::fs::create_dir_all(dir).map_err(|e| fail(format!("cannot create the folder: {e}")))?;
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(|e| fail(format!("cannot open it: {e}")))?;
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                let holder = std::fs::read_to_string(&path).unwrap_or_default();
+                return Err(fail(format!(
+                    "the state folder is in use by another iotdr run or sync (pid {}): stop it first, or give this pipeline its own [state] dir",
+                    holder.trim()
+                )));
+            }
+            Err(std::fs::TryLockError::Error(e)) => return Err(fail(format!("cannot lock it: {e}"))),
+        }
+        use std::io::{Seek, Write};
+        let written = file
+            .set_len(0)
+            .and_then(|()| file.seek(std::io::SeekFrom::Start(0)))
+            .and_then(|_| write!(file, "{}", std::process::id()));
+        written.map_err(|e| fail(format!("cannot write it: {e}")))?;
+        Ok(FolderLock { _file: file })
+    }
+}
+
 /// A dead letter as stored, with the id `replay` and `purge` take.
 #[derive(Debug, Clone, PartialEq)]
 pub struct StoredDeadLetter {
