@@ -25,19 +25,6 @@ pub struct SourceFetcher {
     carried: Mutex<HashSet<(Entity, String)>>,
 }
 
-macro_rules! fetch {
-    ($self:ident, $operation:literal, $request:expr) => {{
-        let request = $request;
-        $self
-            .limiter
-            .send(&$self.clients.region, $operation, || {
-                let request = request.clone();
-                async move { request.send().await.map_err(AwsError::from_sdk) }
-            })
-            .await
-    }};
-}
-
 impl SourceFetcher {
     pub fn new(clients: RegionClients, limiter: Arc<Limiter>, jitr_policies: Vec<String>) -> SourceFetcher {
         SourceFetcher { clients, limiter, jitr_policies, carried: Mutex::new(HashSet::new()) }
@@ -82,12 +69,12 @@ impl SourceFetcher {
                 Err(e) => Err(fail("re-reading the certificate", e)),
             },
             _ => {
-                let described = match fetch!(self, "DescribeThing", self.clients.iot.describe_thing().thing_name(name))
-                {
-                    Ok(described) => described,
-                    Err(e) if e.is(ErrorKind::NotFound) => return Ok(Vec::new()),
-                    Err(e) => return Err(fail("re-reading the thing", e)),
-                };
+                let described =
+                    match limited!(self, "DescribeThing", self.clients.iot.describe_thing().thing_name(name)) {
+                        Ok(described) => described,
+                        Err(e) if e.is(ErrorKind::NotFound) => return Ok(Vec::new()),
+                        Err(e) => return Err(fail("re-reading the thing", e)),
+                    };
                 let mut thing = Event::new(Entity::Thing, Operation::Updated, name);
                 thing.id = format!("recheck-thing-{name}-{}", cause.timestamp_ms);
                 thing.source_region = cause.source_region.clone();
@@ -177,7 +164,7 @@ impl SourceFetcher {
 
     /// The thing's principals now (none when it is gone: its deletion has an event).
     async fn principals(&self, thing: &str) -> Result<Vec<String>, AwsError> {
-        match fetch!(self, "ListThingPrincipals", self.clients.iot.list_thing_principals().thing_name(thing)) {
+        match limited!(self, "ListThingPrincipals", self.clients.iot.list_thing_principals().thing_name(thing)) {
             Ok(out) => Ok(out.principals.unwrap_or_default()),
             Err(e) if e.is(ErrorKind::NotFound) => Ok(Vec::new()),
             Err(e) => Err(e),
@@ -275,7 +262,7 @@ impl SourceFetcher {
 
     /// The policy as an event with its default document (none when it is gone).
     async fn policy(&self, name: &str, cause: &Event) -> Result<Option<Event>, AwsError> {
-        let got = match fetch!(self, "GetPolicy", self.clients.iot.get_policy().policy_name(name)) {
+        let got = match limited!(self, "GetPolicy", self.clients.iot.get_policy().policy_name(name)) {
             Ok(got) => got,
             Err(e) if e.is(ErrorKind::NotFound) => return Ok(None),
             Err(e) => return Err(e),
@@ -294,7 +281,7 @@ impl SourceFetcher {
     /// events for its policies new to this run. `None` when it is gone.
     async fn certificate(&self, id: &str, cause: &Event) -> Result<Option<Vec<Event>>, AwsError> {
         let described =
-            match fetch!(self, "DescribeCertificate", self.clients.iot.describe_certificate().certificate_id(id)) {
+            match limited!(self, "DescribeCertificate", self.clients.iot.describe_certificate().certificate_id(id)) {
                 Ok(out) => out
                     .certificate_description
                     .unwrap_or_else(|| aws_sdk_iot::types::CertificateDescription::builder().build()),
@@ -303,7 +290,7 @@ impl SourceFetcher {
             };
         let Some(pem) = described.certificate_pem else { return Ok(None) };
         let arn = described.certificate_arn.unwrap_or_default();
-        let attached = fetch!(self, "ListAttachedPolicies", self.clients.iot.list_attached_policies().target(&arn))?;
+        let attached = limited!(self, "ListAttachedPolicies", self.clients.iot.list_attached_policies().target(&arn))?;
         let mut events = Vec::new();
         let mut certificate = Event::new(Entity::Certificate, Operation::Created, id);
         certificate.id = format!("certificate-{id}");

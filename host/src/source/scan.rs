@@ -14,7 +14,7 @@
 //! source holds now is newer than any event before it.
 
 use super::{Batch, Record, Source, SourceError};
-use crate::aws::{AwsError, ErrorKind, Limiter, RegionClients};
+use crate::aws::{AwsError, ErrorKind, Limiter, RegionClients, limited};
 use crate::event::{Entity, Event, Operation, related};
 use futures_util::StreamExt;
 use serde_json::{Map, Value, json};
@@ -73,19 +73,6 @@ pub struct RegistryScan {
     idle: bool,
 }
 
-macro_rules! send {
-    ($self:ident, $operation:literal, $request:expr) => {{
-        let request = $request;
-        $self
-            .limiter
-            .send(&$self.clients.region, $operation, || {
-                let request = request.clone();
-                async move { request.send().await.map_err(AwsError::from_sdk) }
-            })
-            .await
-    }};
-}
-
 impl RegistryScan {
     /// Scans the region `clients` reach (their data plane too, for shadows),
     /// from `checkpoint` (a position this source stored) or the start. A
@@ -121,7 +108,7 @@ impl RegistryScan {
 
     async fn types(&self, now: u64) -> Result<(Vec<Event>, Option<String>), SourceError> {
         let page =
-            send!(self, "ListThingTypes", self.clients.iot.list_thing_types().set_next_token(self.token.clone()))
+            limited!(self, "ListThingTypes", self.clients.iot.list_thing_types().set_next_token(self.token.clone()))
                 .map_err(|e| self.error("listing thing types", e))?;
         let mut events = Vec::new();
         for listed in page.thing_types.unwrap_or_default() {
@@ -150,7 +137,7 @@ impl RegistryScan {
         let mut names = Vec::new();
         let mut token = None;
         loop {
-            let page = send!(self, "ListThingGroups", self.clients.iot.list_thing_groups().set_next_token(token))
+            let page = limited!(self, "ListThingGroups", self.clients.iot.list_thing_groups().set_next_token(token))
                 .map_err(|e| self.error("listing thing groups", e))?;
             names.extend(page.thing_groups.unwrap_or_default().into_iter().filter_map(|g| g.group_name));
             token = page.next_token;
@@ -159,7 +146,7 @@ impl RegistryScan {
             }
         }
         let described = futures_util::stream::iter(names.iter().map(|name| async move {
-            send!(self, "DescribeThingGroup", self.clients.iot.describe_thing_group().thing_group_name(name))
+            limited!(self, "DescribeThingGroup", self.clients.iot.describe_thing_group().thing_group_name(name))
                 .map_err(|e| self.error(&format!("describing thing group {name}"), e))
         }))
         .buffered(CONCURRENCY)
@@ -208,13 +195,16 @@ impl RegistryScan {
     }
 
     async fn billing_groups(&self, now: u64) -> Result<(Vec<Event>, Option<String>), SourceError> {
-        let page =
-            send!(self, "ListBillingGroups", self.clients.iot.list_billing_groups().set_next_token(self.token.clone()))
-                .map_err(|e| self.error("listing billing groups", e))?;
+        let page = limited!(
+            self,
+            "ListBillingGroups",
+            self.clients.iot.list_billing_groups().set_next_token(self.token.clone())
+        )
+        .map_err(|e| self.error("listing billing groups", e))?;
         let mut events = Vec::new();
         for listed in page.billing_groups.unwrap_or_default() {
             let Some(name) = listed.group_name else { continue };
-            let described = send!(
+            let described = limited!(
                 self,
                 "DescribeBillingGroup",
                 self.clients.iot.describe_billing_group().billing_group_name(&name)
@@ -229,12 +219,12 @@ impl RegistryScan {
     }
 
     async fn policies(&self, now: u64) -> Result<(Vec<Event>, Option<String>), SourceError> {
-        let page = send!(self, "ListPolicies", self.clients.iot.list_policies().set_marker(self.token.clone()))
+        let page = limited!(self, "ListPolicies", self.clients.iot.list_policies().set_marker(self.token.clone()))
             .map_err(|e| self.error("listing policies", e))?;
         let mut events = Vec::new();
         for listed in page.policies.unwrap_or_default() {
             let Some(name) = listed.policy_name else { continue };
-            let got = match send!(self, "GetPolicy", self.clients.iot.get_policy().policy_name(&name)) {
+            let got = match limited!(self, "GetPolicy", self.clients.iot.get_policy().policy_name(&name)) {
                 Ok(got) => got,
                 // Deleted since it was listed.
                 Err(e) if e.is(ErrorKind::NotFound) => continue,
@@ -248,8 +238,9 @@ impl RegistryScan {
     }
 
     async fn certificates(&self, now: u64) -> Result<(Vec<Event>, Option<String>), SourceError> {
-        let page = send!(self, "ListCertificates", self.clients.iot.list_certificates().set_marker(self.token.clone()))
-            .map_err(|e| self.error("listing certificates", e))?;
+        let page =
+            limited!(self, "ListCertificates", self.clients.iot.list_certificates().set_marker(self.token.clone()))
+                .map_err(|e| self.error("listing certificates", e))?;
         let ids: Vec<String> =
             page.certificates.unwrap_or_default().into_iter().filter_map(|c| c.certificate_id).collect();
         let read = futures_util::stream::iter(ids.iter().map(|id| self.certificate(id, now)))
@@ -265,7 +256,7 @@ impl RegistryScan {
 
     async fn certificate(&self, id: &str, now: u64) -> Result<Option<Event>, SourceError> {
         let described =
-            match send!(self, "DescribeCertificate", self.clients.iot.describe_certificate().certificate_id(id)) {
+            match limited!(self, "DescribeCertificate", self.clients.iot.describe_certificate().certificate_id(id)) {
                 Ok(out) => out
                     .certificate_description
                     .unwrap_or_else(|| aws_sdk_iot::types::CertificateDescription::builder().build()),
@@ -273,7 +264,7 @@ impl RegistryScan {
                 Err(e) => return Err(self.error(&format!("describing certificate {id}"), e)),
             };
         let (Some(pem), Some(arn)) = (described.certificate_pem, described.certificate_arn) else { return Ok(None) };
-        let attached = send!(self, "ListAttachedPolicies", self.clients.iot.list_attached_policies().target(&arn))
+        let attached = limited!(self, "ListAttachedPolicies", self.clients.iot.list_attached_policies().target(&arn))
             .map_err(|e| self.error(&format!("listing the policies of certificate {id}"), e))?;
         let mut event = self.event(Entity::Certificate, id, now);
         event.account_id = account_of(&arn);
@@ -287,7 +278,7 @@ impl RegistryScan {
     }
 
     async fn things(&self, now: u64) -> Result<(Vec<Event>, Option<String>), SourceError> {
-        let page = send!(
+        let page = limited!(
             self,
             "ListThings",
             self.clients.iot.list_things().max_results(THINGS_PER_PAGE).set_next_token(self.token.clone())
@@ -312,19 +303,19 @@ impl RegistryScan {
         let fail = |what: &str, e: AwsError| self.error(&format!("{what} of thing {name}"), e);
         let gone = |e: &AwsError| e.is(ErrorKind::NotFound);
         // Deleted since it was listed: its deletion has an event of its own.
-        let described = match send!(self, "DescribeThing", self.clients.iot.describe_thing().thing_name(&name)) {
+        let described = match limited!(self, "DescribeThing", self.clients.iot.describe_thing().thing_name(&name)) {
             Ok(described) => described,
             Err(e) if gone(&e) => return Ok(Vec::new()),
             Err(e) => return Err(fail("describing", e)),
         };
         let principals =
-            match send!(self, "ListThingPrincipals", self.clients.iot.list_thing_principals().thing_name(&name)) {
+            match limited!(self, "ListThingPrincipals", self.clients.iot.list_thing_principals().thing_name(&name)) {
                 Ok(out) => out.principals.unwrap_or_default(),
                 Err(e) if gone(&e) => return Ok(Vec::new()),
                 Err(e) => return Err(fail("listing the principals", e)),
             };
         let groups =
-            send!(self, "ListThingGroupsForThing", self.clients.iot.list_thing_groups_for_thing().thing_name(&name))
+            limited!(self, "ListThingGroupsForThing", self.clients.iot.list_thing_groups_for_thing().thing_name(&name))
                 .map_err(|e| fail("listing the groups", e))?
                 .thing_groups
                 .unwrap_or_default();
@@ -368,7 +359,7 @@ impl RegistryScan {
         let mut names = vec![None];
         let mut token = None;
         loop {
-            let page = match send!(
+            let page = match limited!(
                 self,
                 "ListNamedShadowsForThing",
                 self.clients.data.list_named_shadows_for_thing().thing_name(thing).set_next_token(token)
@@ -386,7 +377,7 @@ impl RegistryScan {
         }
         let mut events = Vec::new();
         for shadow in names {
-            let got = match send!(
+            let got = match limited!(
                 self,
                 "GetThingShadow",
                 self.clients.data.get_thing_shadow().thing_name(thing).set_shadow_name(shadow.clone())
