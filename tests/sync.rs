@@ -22,6 +22,19 @@ fn sync(moto: &Moto, test: &Run, args: &[&str]) -> Value {
     serde_json::from_str(line.trim_start_matches("summary: ")).unwrap()
 }
 
+/// `iotdr <command> <pipeline>` in the background, its output discarded.
+fn spawn(moto: &Moto, test: &Run, command: &str) -> std::process::Child {
+    std::process::Command::new(env!("CARGO_BIN_EXE_iotdr"))
+        .args([command, test.pipeline.to_str().unwrap()])
+        .current_dir(test.dir.path())
+        .env("IOTDR_CACHE_DIR", common::cache_dir())
+        .envs(moto.env())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
 #[tokio::test]
 async fn an_existing_fleet_is_synced_into_an_empty_region_field_by_field() {
     let moto = Moto::start();
@@ -61,15 +74,7 @@ async fn a_sync_killed_midway_resumes_to_the_same_end_state() {
     let moto = Moto::start();
     seed(&moto, SOURCE, 300).await;
     let test = Run::new(SOURCE, &moto.url, TARGET, &moto.url, &[], "");
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_iotdr"))
-        .args(["sync", test.pipeline.to_str().unwrap()])
-        .current_dir(test.dir.path())
-        .env("IOTDR_CACHE_DIR", common::cache_dir())
-        .envs(moto.env())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = spawn(&moto, &test, "sync");
     // Killed while it copies things (100 a page): some are there, not all.
     let target = moto.iot(TARGET).await;
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
@@ -102,15 +107,7 @@ async fn a_sync_is_refused_while_a_run_holds_the_state_folder() {
     let moto = Moto::start();
     let test = Run::new(SOURCE, &moto.url, TARGET, &moto.url, &[], "");
     // A live run, following its (empty) file.
-    let mut live = std::process::Command::new(env!("CARGO_BIN_EXE_iotdr"))
-        .args(["run", test.pipeline.to_str().unwrap()])
-        .current_dir(test.dir.path())
-        .env("IOTDR_CACHE_DIR", common::cache_dir())
-        .envs(moto.env())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut live = spawn(&moto, &test, "run");
     let lock = test.dir.path().join(".iotdr-state/lock");
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
     while std::fs::read_to_string(&lock).unwrap_or_default().trim() != live.id().to_string() {
