@@ -53,8 +53,11 @@ async fn a_generated_fleet_arrives_field_by_field() {
     assert!(reads(&again) * 4 <= reads(&summary), "a replay reads the source again: {again} after {summary}");
 }
 
+/// Faults include answers lost after the change was made (`drop_after`): a
+/// shadow write repeated then must not count twice, so the target's shadow
+/// versions equal the source's.
 #[tokio::test]
-async fn thirty_percent_of_calls_failing_loses_nothing() {
+async fn thirty_percent_of_calls_failing_loses_nothing_and_writes_no_shadow_twice() {
     let moto = Moto::start();
     let fleet = seed(&moto, SOURCE, THINGS).await;
     let proxy = FaultProxy::start(&moto.url, 0.3);
@@ -65,8 +68,9 @@ async fn thirty_percent_of_calls_failing_loses_nothing() {
         + summary["requests"]["transient_failures"].as_u64().unwrap();
     assert!(failures > 100, "the proxy did inject faults: {summary}");
 
-    let source = without_shadow_versions(region_state(&moto, SOURCE).await);
-    let target = without_shadow_versions(region_state(&moto, TARGET).await);
+    assert!(proxy.counts()["drop_after"].as_u64().unwrap() > 10, "answers were lost: {}", proxy.counts());
+    let source = region_state(&moto, SOURCE).await;
+    let target = region_state(&moto, TARGET).await;
     assert_same(&source, &target);
 }
 
@@ -118,9 +122,8 @@ async fn bursts_of_throttling_in_the_source_and_5xx_in_the_target_make_no_dead_l
     assert_eq!(summary["run"]["dead_letters"], 0, "{summary} {:?}", test.dead_letters(&moto));
     assert_eq!(source.counts()["throttle"], 223, "the source burst was served whole");
     assert_eq!(target.counts()["error503"], 80, "the target burst was served whole");
-    let source_state = without_shadow_versions(region_state(&moto, SOURCE).await);
-    let target_state = without_shadow_versions(region_state(&moto, TARGET).await);
-    assert_same(&source_state, &target_state);
+    // 5xx answers may come after the change was made: shadows are still written once.
+    assert_same(&region_state(&moto, SOURCE).await, &region_state(&moto, TARGET).await);
 }
 
 #[tokio::test]

@@ -131,6 +131,20 @@ async fn a_stream_run_killed_at_ten_random_moments_loses_nothing_and_writes_noth
     assert_same(&region_state(&moto, SOURCE).await, &region_state(&moto, TARGET).await);
 }
 
+/// Waits until the run has applied some things (midway: not all yet).
+async fn until_things_arrive(moto: &Moto, test: &Run) {
+    let target = moto.iot(TARGET).await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let listed = target.list_things().max_results(250).send().await.unwrap();
+        if !listed.things.unwrap_or_default().is_empty() {
+            return;
+        }
+        assert!(std::time::Instant::now() < deadline, "nothing arrived: {}", test.log());
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
 /// The source region (its stream and its reads) and the target stop
 /// answering for 30 s mid-run: iotdr waits, retries, resumes; nothing is
 /// lost and nothing becomes a dead letter. moto keeps its data only while it
@@ -144,17 +158,7 @@ async fn thirty_seconds_without_the_source_or_the_target_lose_nothing() {
     let region = FaultProxy::start(&moto.url, 0.0);
     let test = stream_run(&region.url, &region.url, r#"rate_limits = { "*" = 40 }"#);
     let mut child = test.spawn(&moto);
-    // Midway: some things are there, not all.
-    let target = moto.iot(TARGET).await;
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    loop {
-        let listed = target.list_things().max_results(250).send().await.unwrap();
-        if !listed.things.unwrap_or_default().is_empty() {
-            break;
-        }
-        assert!(std::time::Instant::now() < deadline, "nothing arrived: {}", test.log());
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
+    until_things_arrive(&moto, &test).await;
     region.set(json!({ "mode": "drop_before" }));
     tokio::time::sleep(std::time::Duration::from_secs(30)).await;
     let dropped = region.counts()["drop_before"].as_u64().unwrap_or(0);
@@ -162,6 +166,29 @@ async fn thirty_seconds_without_the_source_or_the_target_lose_nothing() {
     let status = tokio::task::spawn_blocking(move || child.wait().unwrap()).await.unwrap();
     assert!(status.success(), "{}", test.log());
     assert!(dropped > 10, "the outage was felt: {dropped} requests refused");
+    assert!(test.dead_letters(&moto).is_empty(), "{:?}", test.dead_letters(&moto));
+    assert_same(&region_state(&moto, SOURCE).await, &region_state(&moto, TARGET).await);
+}
+
+/// moto itself stopped (SIGSTOP) for 30 s mid-run, holding its data:
+/// requests hang until they time out, and those it had taken are made when
+/// it goes on, after iotdr gave up on their answers. Nothing is lost, nothing
+/// becomes a dead letter, and no shadow write counts twice (the target's
+/// shadow versions equal the source's).
+#[tokio::test]
+async fn moto_stopped_for_thirty_seconds_loses_nothing_and_writes_nothing_twice() {
+    let moto = Moto::start();
+    let fleet = seed(&moto, SOURCE, 200).await;
+    let dynamodb = event_table(&moto).await;
+    put_records(&dynamodb, 0, &fleet.events).await;
+    let test = stream_run(&moto.url, &moto.url, r#"rate_limits = { "*" = 40 }"#);
+    let mut child = test.spawn(&moto);
+    until_things_arrive(&moto, &test).await;
+    moto.freeze(true);
+    tokio::time::sleep(std::time::Duration::from_secs(30)).await;
+    moto.freeze(false);
+    let status = tokio::task::spawn_blocking(move || child.wait().unwrap()).await.unwrap();
+    assert!(status.success(), "{}", test.log());
     assert!(test.dead_letters(&moto).is_empty(), "{:?}", test.dead_letters(&moto));
     assert_same(&region_state(&moto, SOURCE).await, &region_state(&moto, TARGET).await);
 }

@@ -21,6 +21,18 @@ impl Moto {
         self.url.rsplit(':').next().expect("a port")
     }
 
+    /// Stops the server process (SIGSTOP) or lets it go on (SIGCONT).
+    /// Stopped, it keeps its data and accepts connections at the kernel's
+    /// level, but answers nothing: requests hang until their clients give up,
+    /// and those it had read are processed when it goes on.
+    pub fn freeze(&self, frozen: bool) {
+        let pidfile = super::root().join(format!(".venv/moto-{}.pid", self.port()));
+        let pid = std::fs::read_to_string(&pidfile).expect("moto's pid file");
+        let signal = if frozen { "-STOP" } else { "-CONT" };
+        let status = Command::new("kill").arg(signal).arg(pid.trim()).status().expect("kill runs");
+        assert!(status.success(), "kill {signal} moto");
+    }
+
     /// SDK config for `region` on this server, with moto's dummy credentials.
     pub async fn sdk_config(&self, region: &str) -> aws_config::SdkConfig {
         use aws_smithy_http_client::tls::{self, rustls_provider::CryptoMode};
@@ -115,6 +127,11 @@ impl Moto {
 
 impl Drop for Moto {
     fn drop(&mut self) {
+        // A test that failed while the server was frozen: thaw it, so that it stops.
+        let pidfile = super::root().join(format!(".venv/moto-{}.pid", self.port()));
+        if let Ok(pid) = std::fs::read_to_string(pidfile) {
+            let _ = Command::new("kill").arg("-CONT").arg(pid.trim()).output();
+        }
         let script = super::root().join("scripts/moto.sh");
         let _ = Command::new("bash").arg(&script).arg("stop").arg(self.port()).output();
     }

@@ -158,8 +158,8 @@ async fn all_certificates(iot: &aws_sdk_iot::Client) -> Vec<aws_sdk_iot::types::
     }
 }
 
-/// Shadow versions depend on how often an update reached the region: a
-/// dropped answer retried counts twice. Compare states without them.
+/// Shadow versions count writes: a bulk sync writes a shadow's whole state
+/// at once, so its versions differ from the source's. Compare states without them.
 pub fn without_shadow_versions(mut state: Value) -> Value {
     for thing in state["things"].as_object_mut().unwrap().values_mut() {
         for shadow in thing["shadows"].as_object_mut().unwrap().values_mut() {

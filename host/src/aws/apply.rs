@@ -5,9 +5,9 @@
 use super::clients::RegionClients;
 use super::errors::{AwsError, ErrorKind};
 use super::rate::Limiter;
-use crate::event::{Event, Operation, related};
+use crate::event::{Event, related};
 use crate::plan::Call;
-use crate::state::ledger::{Order, Position};
+use crate::state::ledger::Position;
 use crate::state::{StateError, StateStore};
 use aws_sdk_iot::types::{
     AttributePayload, BillingGroupProperties, CertificateStatus, ThingGroupProperties, ThingTypeProperties,
@@ -17,11 +17,6 @@ use sha2::{Digest, Sha256};
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
-
-/// How long a shadow write found in flight after a restart is given to land
-/// (sent by the run that stopped, still being processed) before it is made
-/// again. Only writes a crash interrupted wait.
-const IN_FLIGHT_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// `known` kinds in the state store.
 pub(crate) mod known {
@@ -110,6 +105,8 @@ macro_rules! send {
     }};
 }
 
+mod shadow;
+
 fn is(result: &ApplyError, kind: ErrorKind) -> bool {
     matches!(result, ApplyError::Aws { error, .. } if error.kind == kind)
 }
@@ -181,30 +178,6 @@ impl Applier {
         {
             tracing::debug!(region, key = %position.key, event = %event.id, "stale change skipped: {why}");
             return Ok(Applied::Stale);
-        }
-        // A shadow update is not idempotent (each write makes a version):
-        // one that was being written when the run stopped is written again
-        // only if the target does not hold it already.
-        if let Some(position) = &position
-            && let Order::ShadowVersion(version) = position.order
-            && event.operation == Operation::Updated
-        {
-            if self.state.in_flight(region, &position.key)? == Some(version) {
-                // The run that stopped may have sent it a moment before it
-                // died, and the region may not have processed it yet: look
-                // again after a grace period before writing it a second time.
-                let mut holds = self.shadow_holds(clients, event).await?;
-                if !holds {
-                    tokio::time::sleep(IN_FLIGHT_GRACE).await;
-                    holds = self.shadow_holds(clients, event).await?;
-                }
-                if holds {
-                    tracing::debug!(region, key = %position.key, version, "shadow change found already written");
-                    self.state.record_applied(region, position)?;
-                    return Ok(Applied::Done);
-                }
-            }
-            self.state.mark_in_flight(region, &position.key, version)?;
         }
         for call in calls {
             self.await_dependencies(clients, event, call).await?;
@@ -504,61 +477,22 @@ impl Applier {
             }
             "CreatePolicy" | "CreatePolicyVersion" => self.put_policy(c, call).await,
             "DeletePolicy" => self.delete_policy(c, text(call, "policyName")?).await,
-            "UpdateThingShadow" => {
-                let thing = text(call, "thingName")?;
-                let payload =
-                    call.input.get("payload").ok_or_else(|| invalid(call.operation, "input lacks `payload`"))?;
-                let bytes = serde_json::to_vec(payload).expect("JSON");
-                send!(
-                    self,
-                    region,
-                    "UpdateThingShadow",
-                    c.data
-                        .update_thing_shadow()
-                        .thing_name(thing)
-                        .set_shadow_name(optional_text(call, "shadowName").map(str::to_string))
-                        .payload(aws_sdk_iotdataplane::primitives::Blob::new(bytes.clone()))
-                )
-                .map(drop)
+            "UpdateThingShadow" => self.update_shadow(c, event, call).await,
+            "DeleteThingShadow" => {
+                let (thing, shadow) = (text(call, "thingName")?, optional_text(call, "shadowName"));
+                ok_if_not_found(
+                    send!(
+                        self,
+                        region,
+                        "DeleteThingShadow",
+                        c.data.delete_thing_shadow().thing_name(thing).set_shadow_name(shadow.map(str::to_string))
+                    )
+                    .map(drop),
+                )?;
+                self.forget_shadow_version(region, thing, shadow)
             }
-            "DeleteThingShadow" => ok_if_not_found(
-                send!(
-                    self,
-                    region,
-                    "DeleteThingShadow",
-                    c.data
-                        .delete_thing_shadow()
-                        .thing_name(text(call, "thingName")?)
-                        .set_shadow_name(optional_text(call, "shadowName").map(str::to_string))
-                )
-                .map(drop),
-            ),
             other => Err(invalid(other, "iotdr does not apply this operation")),
         }
-    }
-
-    /// Whether the target's shadow already holds what `event` (a shadow
-    /// update) writes: every value of its state there, every key it
-    /// removes (null) absent.
-    async fn shadow_holds(&self, c: &RegionClients, event: &Event) -> Result<bool, ApplyError> {
-        let Some(patch) = event.document.as_deref().and_then(|d| serde_json::from_str::<Value>(d).ok()) else {
-            return Ok(false);
-        };
-        let got = send!(
-            self,
-            c.region.as_str(),
-            "GetThingShadow",
-            c.data
-                .get_thing_shadow()
-                .thing_name(&event.name)
-                .set_shadow_name(event.related(related::SHADOW_NAME).map(str::to_string))
-        );
-        let document = match got {
-            Ok(out) => out.payload.and_then(|p| serde_json::from_slice::<Value>(p.as_ref()).ok()).unwrap_or_default(),
-            Err(e) if is(&e, ErrorKind::NotFound) => return Ok(false),
-            Err(e) => return Err(e),
-        };
-        Ok(holds(&patch["state"], &document["state"]))
     }
 
     /// Creates or updates a thing to exactly the attributes and type of the
@@ -935,19 +869,6 @@ impl Applier {
     }
 }
 
-/// Whether `document` already reflects the merge patch `patch` (shadow
-/// semantics: objects merge, null removes, anything else replaces).
-fn holds(patch: &Value, document: &Value) -> bool {
-    match patch {
-        Value::Object(fields) => fields.iter().all(|(key, value)| match (value, document.get(key)) {
-            (Value::Null, found) => found.is_none_or(Value::is_null),
-            (_, None) => false,
-            (value, Some(found)) => holds(value, found),
-        }),
-        other => other == document,
-    }
-}
-
 fn ok_if(result: Result<(), ApplyError>, kind: ErrorKind) -> Result<(), ApplyError> {
     match result {
         Err(e) if is(&e, kind) => Ok(()),
@@ -958,20 +879,4 @@ fn ok_if(result: Result<(), ApplyError>, kind: ErrorKind) -> Result<(), ApplyErr
 /// Deleting or detaching what is not there is done.
 fn ok_if_not_found(result: Result<(), ApplyError>) -> Result<(), ApplyError> {
     ok_if(result, ErrorKind::NotFound)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use serde_json::json;
-
-    #[test]
-    fn a_shadow_holds_a_patch_when_every_value_is_there_and_every_removal_done() {
-        let document = json!({ "reported": { "temp": 21, "mode": { "fan": "on" } }, "desired": { "temp": 20 } });
-        assert!(holds(&json!({ "reported": { "temp": 21 } }), &document));
-        assert!(holds(&json!({ "reported": { "mode": { "fan": "on" } }, "desired": { "gone": null } }), &document));
-        assert!(!holds(&json!({ "reported": { "temp": 22 } }), &document));
-        assert!(!holds(&json!({ "desired": { "temp": null } }), &document));
-        assert!(!holds(&json!({ "reported": { "new": 1 } }), &document));
-    }
 }

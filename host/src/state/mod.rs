@@ -8,4 +8,4 @@ pub mod queue;
 mod store;
 
 pub use dead_letters::{DeadLetter, Step, redacted};
-pub use store::{FolderLock, StateError, StateStore, StoredDeadLetter};
+pub use store::{FolderLock, InFlight, SHADOW_VERSION, StateError, StateStore, StoredDeadLetter};

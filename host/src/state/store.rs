@@ -62,6 +62,19 @@ impl FolderLock {
     }
 }
 
+/// `known` kind of a shadow's version in a target, as its last write by
+/// iotdr left it; named by the shadow's ledger key.
+pub const SHADOW_VERSION: &str = "shadow-version";
+
+/// A shadow write that was under way (see [`StateStore::mark_in_flight`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InFlight {
+    /// The source version of the change being written.
+    pub version: u64,
+    /// The target version the write was conditional on; `None`: unconditional.
+    pub target_version: Option<u64>,
+}
+
 /// A dead letter as stored, with the id `replay` and `purge` take.
 #[derive(Debug, Clone, PartialEq)]
 pub struct StoredDeadLetter {
@@ -100,6 +113,7 @@ CREATE TABLE IF NOT EXISTS in_flight (
     region TEXT NOT NULL,
     key TEXT NOT NULL,
     version INTEGER NOT NULL,
+    target_version INTEGER,
     PRIMARY KEY (region, key)
 );
 CREATE TABLE IF NOT EXISTS checkpoints (
@@ -162,6 +176,7 @@ impl StateStore {
         conn.busy_timeout(std::time::Duration::from_secs(10)).map_err(|e| fail(e.to_string()))?;
         conn.execute_batch(SCHEMA).map_err(|e| fail(e.to_string()))?;
         add_fingerprints(&conn).map_err(|e| fail(e.to_string()))?;
+        add_column(&conn, "in_flight", "target_version", "INTEGER").map_err(|e| fail(e.to_string()))?;
         Ok(StateStore { path, conn: Mutex::new(conn) })
     }
 
@@ -340,29 +355,43 @@ impl StateStore {
         })
     }
 
-    /// Notes that a shadow change of `version` is being written to `region`
-    /// (its ledger entry follows once the write succeeded). Found again after
-    /// a crash, it means the write may have been made: the applier looks at
-    /// the target before writing it twice.
-    pub fn mark_in_flight(&self, region: &str, key: &str, version: u64) -> Result<(), StateError> {
+    /// Notes that a shadow change of `version` is being written to `region`,
+    /// on condition that the target's shadow is at `target_version` (or
+    /// unconditionally). Its ledger entry follows once the write succeeded;
+    /// found again after a crash, it means the write may have been made, and
+    /// against which version.
+    pub fn mark_in_flight(
+        &self,
+        region: &str,
+        key: &str,
+        version: u64,
+        target_version: Option<u64>,
+    ) -> Result<(), StateError> {
         self.with(|c| {
             c.execute(
-                "INSERT INTO in_flight (region, key, version) VALUES (?1, ?2, ?3)
-                 ON CONFLICT (region, key) DO UPDATE SET version = excluded.version",
-                params![region, key, version as i64],
+                "INSERT INTO in_flight (region, key, version, target_version) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT (region, key) DO UPDATE SET
+                   version = excluded.version, target_version = excluded.target_version",
+                params![region, key, version as i64, target_version.map(|v| v as i64)],
             )
             .map(drop)
         })
     }
 
-    /// The version of a shadow change noted by [`StateStore::mark_in_flight`] and not recorded since.
-    pub fn in_flight(&self, region: &str, key: &str) -> Result<Option<u64>, StateError> {
+    /// The shadow write noted by [`StateStore::mark_in_flight`] and not recorded since.
+    pub fn in_flight(&self, region: &str, key: &str) -> Result<Option<InFlight>, StateError> {
         self.with(|c| {
-            c.query_row("SELECT version FROM in_flight WHERE region = ?1 AND key = ?2", params![region, key], |row| {
-                row.get::<_, i64>(0)
-            })
+            c.query_row(
+                "SELECT version, target_version FROM in_flight WHERE region = ?1 AND key = ?2",
+                params![region, key],
+                |row| {
+                    Ok(InFlight {
+                        version: row.get::<_, i64>(0)? as u64,
+                        target_version: row.get::<_, Option<i64>>(1)?.map(|v| v as u64),
+                    })
+                },
+            )
             .optional()
-            .map(|v| v.map(|v| v as u64))
         })
     }
 
@@ -371,9 +400,15 @@ impl StateStore {
     pub fn forget_shadows(&self, region: &str, thing: &str) -> Result<(), StateError> {
         let prefix = ledger::shadow_key(thing, "");
         self.with(|c| {
+            for table in ["ledger", "in_flight"] {
+                c.execute(
+                    &format!("DELETE FROM {table} WHERE region = ?1 AND substr(key, 1, length(?2)) = ?2"),
+                    params![region, prefix],
+                )?;
+            }
             c.execute(
-                "DELETE FROM ledger WHERE region = ?1 AND substr(key, 1, length(?2)) = ?2",
-                params![region, prefix],
+                "DELETE FROM known WHERE region = ?1 AND kind = ?2 AND substr(name, 1, length(?3)) = ?3",
+                params![region, SHADOW_VERSION, prefix],
             )
             .map(drop)
         })
@@ -452,12 +487,18 @@ fn read_letter(json: &str) -> serde_json::Result<DeadLetter> {
 /// Stores made before letters had fingerprints get the column (their old
 /// letters keep none, so they are never merged).
 fn add_fingerprints(conn: &Connection) -> rusqlite::Result<()> {
-    let has_column =
-        conn.prepare("SELECT 1 FROM pragma_table_info('dead_letters') WHERE name = 'fingerprint'")?.exists([])?;
-    if !has_column {
-        conn.execute_batch("ALTER TABLE dead_letters ADD COLUMN fingerprint TEXT")?;
-    }
+    add_column(conn, "dead_letters", "fingerprint", "TEXT")?;
     conn.execute_batch("CREATE UNIQUE INDEX IF NOT EXISTS dead_letters_by_fingerprint ON dead_letters (fingerprint)")
+}
+
+/// Adds a column that a state folder made by an older iotdr lacks.
+fn add_column(conn: &Connection, table: &str, column: &str, kind: &str) -> rusqlite::Result<()> {
+    let has_column =
+        conn.prepare(&format!("SELECT 1 FROM pragma_table_info('{table}') WHERE name = ?1"))?.exists([column])?;
+    if !has_column {
+        conn.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {column} {kind}"))?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -470,6 +511,34 @@ mod tests {
         let mut shadow = Event::new(Entity::Shadow, Operation::Updated, "t");
         shadow.version = Some(version);
         Position::of(&shadow).unwrap()
+    }
+
+    #[test]
+    fn a_state_folder_of_an_older_iotdr_gains_the_shadow_write_condition_and_keeps_its_rows() {
+        let dir = tempfile::tempdir().unwrap();
+        let old = Connection::open(dir.path().join("state.db")).unwrap();
+        old.execute_batch(
+            "CREATE TABLE in_flight (region TEXT NOT NULL, key TEXT NOT NULL, version INTEGER NOT NULL,
+                                     PRIMARY KEY (region, key));
+             INSERT INTO in_flight VALUES ('eu-west-1', 'shadow/t/', 4);",
+        )
+        .unwrap();
+        drop(old);
+        let store = StateStore::open(dir.path()).unwrap();
+        // Written before the condition was kept: repeated as an unconditional write would be.
+        assert_eq!(
+            store.in_flight("eu-west-1", "shadow/t/").unwrap(),
+            Some(InFlight { version: 4, target_version: None })
+        );
+        store.mark_in_flight("eu-west-1", "shadow/t/", 5, Some(9)).unwrap();
+        assert_eq!(
+            store.in_flight("eu-west-1", "shadow/t/").unwrap(),
+            Some(InFlight { version: 5, target_version: Some(9) })
+        );
+        store.set_known("eu-west-1", SHADOW_VERSION, "shadow/t/", "10").unwrap();
+        store.forget_shadows("eu-west-1", "t").unwrap();
+        assert_eq!(store.in_flight("eu-west-1", "shadow/t/").unwrap(), None);
+        assert_eq!(store.known("eu-west-1", SHADOW_VERSION, "shadow/t/").unwrap(), None);
     }
 
     #[test]
