@@ -73,6 +73,17 @@ enum Command {
         #[arg(long)]
         from_start: bool,
     },
+    /// Compares each target region with the source region passed through the
+    /// pipeline's stages, entity by entity: things (attributes, type, groups,
+    /// billing group, certificates), thing types, groups, billing groups,
+    /// certificates (PEM, status, policies), policies (default document) and
+    /// shadows (state). Exits 1 when a target drifted, 0 when all are equal.
+    Verify {
+        pipeline: PathBuf,
+        /// Print the report as JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Lists, replays or purges the dead letters of a pipeline (kept in its state folder).
     DeadLetters {
         #[command(subcommand)]
@@ -263,6 +274,22 @@ async fn execute(cli: Cli) -> Result<ExitCode> {
             }
             let run = RunFlags { dry_run, until_idle, fetch, from_start, idle_after };
             run_pipeline(&pipeline, config, run, cli.cache_dir).await
+        }
+        Command::Verify { pipeline, json } => {
+            let config = PipelineConfig::load(&pipeline)?;
+            let engine = engine(cli.cache_dir)?;
+            let mut built = Pipeline::build(&config, &engine)?;
+            let limiter = Arc::new(Limiter::from_config(&config.apply));
+            let reports = iotdr::verify::verify(&config, &mut built, limiter)
+                .await
+                .with_context(|| format!("verifying {}", pipeline.display()))?;
+            if json {
+                let drift: usize = reports.iter().map(|r| r.drift()).sum();
+                println!("{}", serde_json::json!({ "equal": drift == 0, "regions": reports }));
+            } else {
+                print!("{}", iotdr::verify::render(&reports));
+            }
+            Ok(if reports.iter().all(|r| r.drift() == 0) { ExitCode::SUCCESS } else { ExitCode::from(1) })
         }
         Command::DeadLetters { command } => dead_letters(command, cli.cache_dir).await,
         Command::Plugin { command: PluginCommand::Test { plugin, events, config, source_region, targets } } => {

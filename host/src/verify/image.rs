@@ -1,0 +1,179 @@
+//! What one region holds, entity by entity, in the form `verify` compares:
+//! folded from the native events the registry scan lists. The source's
+//! image is folded from those events after the pipeline's stages (so
+//! filtered, renamed and re-routed entities compare as replicated), a
+//! target's straight from its own scan.
+
+use crate::event::{Entity, Event, related};
+use serde_json::{Map, Value, json};
+use sha2::{Digest, Sha256};
+use std::collections::BTreeMap;
+
+/// The kinds compared, in the order they are reported.
+pub const KINDS: [&str; 7] =
+    ["thing-types", "thing-groups", "billing-groups", "policies", "certificates", "things", "shadows"];
+
+/// Per kind, per name: the entity's compared fields.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct Image {
+    pub kinds: BTreeMap<&'static str, BTreeMap<String, Value>>,
+}
+
+impl Image {
+    /// Adds what a scan event says (memberships add to their thing).
+    pub fn fold(&mut self, event: &Event) {
+        let name = event.name.clone();
+        let document =
+            || -> Value { event.document.as_deref().and_then(|d| serde_json::from_str(d).ok()).unwrap_or(Value::Null) };
+        match event.entity {
+            Entity::ThingType => {
+                let mut fields = document();
+                if let Some(searchable) = fields.get_mut("searchableAttributes").and_then(Value::as_array_mut) {
+                    searchable.sort_by(|a, b| a.as_str().cmp(&b.as_str()));
+                }
+                self.put("thing-types", name, fields);
+            }
+            Entity::ThingGroup => {
+                let fields = document();
+                self.put(
+                    "thing-groups",
+                    name,
+                    json!({
+                        "description": fields.get("description"),
+                        "dynamic": fields.get("dynamic").and_then(Value::as_bool).unwrap_or(false),
+                        "parent": event.related(related::PARENT_GROUP),
+                        "attributes": event.attributes,
+                    }),
+                );
+            }
+            Entity::BillingGroup => {
+                self.put("billing-groups", name, json!({ "description": document().get("description") }))
+            }
+            Entity::Policy => {
+                // Compared as JSON: the target may have it with other whitespace.
+                let text = event.document.as_deref().unwrap_or_default();
+                let document = serde_json::from_str(text).unwrap_or_else(|_| Value::String(text.to_string()));
+                self.put("policies", name, json!({ "document": document }));
+            }
+            Entity::Certificate => {
+                let pem = document().get("certificatePem").and_then(Value::as_str).map(pem_digest);
+                self.put(
+                    "certificates",
+                    name,
+                    json!({
+                        "status": event.related(related::CERTIFICATE_STATUS),
+                        "policies": sorted(event.related.iter().filter(|(k, _)| k == related::POLICY).map(|(_, v)| v)),
+                        "pem_sha256": pem,
+                    }),
+                );
+            }
+            Entity::Thing => {
+                let thing = self.thing(name);
+                thing.insert("attributes".into(), json!(event.attributes));
+                thing.insert("type".into(), json!(event.related(related::THING_TYPE)));
+                let principals = event.related.iter().filter(|(k, _)| k == related::PRINCIPAL).map(|(_, v)| v);
+                thing.insert("certificates".into(), json!(sorted(principals)));
+            }
+            Entity::ThingGroupMembership => {
+                if let Some(group) = event.related(related::THING_GROUP) {
+                    let thing = self.thing(name);
+                    let groups = thing.get_mut("groups").and_then(Value::as_array_mut).expect("a list");
+                    groups.push(group.into());
+                    groups.sort_by(|a, b| a.as_str().cmp(&b.as_str()));
+                }
+            }
+            Entity::BillingGroupMembership => {
+                let group = event.related(related::BILLING_GROUP).map(str::to_string);
+                self.thing(name).insert("billing_group".into(), json!(group));
+            }
+            Entity::Shadow => {
+                let shadow = event.related(related::SHADOW_NAME);
+                let key = match shadow {
+                    Some(shadow) => format!("{name}/{shadow}"),
+                    None => format!("{name} (classic)"),
+                };
+                self.put("shadows", key, json!({ "state": document().get("state") }));
+            }
+            // The scan lists none of these: they are parts of the entities above.
+            Entity::ThingTypeAssociation | Entity::ThingGroupHierarchy => {}
+        }
+    }
+
+    fn put(&mut self, kind: &'static str, name: String, fields: Value) {
+        self.kinds.entry(kind).or_default().insert(name, fields);
+    }
+
+    /// A thing's entry, with the fields a membership may come before.
+    fn thing(&mut self, name: String) -> &mut Map<String, Value> {
+        let entry = self.kinds.entry("things").or_default().entry(name).or_insert_with(
+            || json!({ "attributes": {}, "type": null, "certificates": [], "groups": [], "billing_group": null }),
+        );
+        entry.as_object_mut().expect("an object")
+    }
+
+    /// The entries of `kind` (none when the region has none).
+    pub fn of(&self, kind: &str) -> impl Iterator<Item = (&String, &Value)> {
+        self.kinds.get(kind).into_iter().flatten()
+    }
+
+    pub fn get(&self, kind: &str, name: &str) -> Option<&Value> {
+        self.kinds.get(kind).and_then(|entries| entries.get(name))
+    }
+}
+
+/// The PEM's digest, whitespace aside: the certificate itself, not its line breaks.
+fn pem_digest(pem: &str) -> String {
+    let compact: String = pem.chars().filter(|c| !c.is_whitespace()).collect();
+    Sha256::digest(compact.as_bytes()).iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn sorted<'a>(values: impl Iterator<Item = &'a String>) -> Vec<&'a String> {
+    let mut values: Vec<&String> = values.collect();
+    values.sort();
+    values
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::Operation;
+
+    #[test]
+    fn a_thing_gathers_its_memberships_and_shadows_stand_apart() {
+        let mut image = Image::default();
+        let mut membership = Event::new(Entity::ThingGroupMembership, Operation::Added, "pump-1");
+        membership.set_related(related::THING_GROUP, Some("lyon".into()));
+        image.fold(&membership);
+        let mut thing = Event::new(Entity::Thing, Operation::Created, "pump-1");
+        thing.attributes.insert("site".into(), "lyon".into());
+        thing.related.push((related::PRINCIPAL.into(), "b".into()));
+        thing.related.push((related::PRINCIPAL.into(), "a".into()));
+        image.fold(&thing);
+        let mut shadow = Event::new(Entity::Shadow, Operation::Updated, "pump-1");
+        shadow.document = Some(r#"{"state":{"reported":{"on":true}}}"#.into());
+        image.fold(&shadow);
+        assert_eq!(
+            image.get("things", "pump-1"),
+            Some(&json!({ "attributes": { "site": "lyon" }, "type": null, "certificates": ["a", "b"],
+                          "groups": ["lyon"], "billing_group": null }))
+        );
+        assert_eq!(image.get("shadows", "pump-1 (classic)"), Some(&json!({ "state": { "reported": { "on": true } } })));
+    }
+
+    #[test]
+    fn policies_compare_as_json_and_pems_without_line_breaks() {
+        let mut a = Image::default();
+        let mut b = Image::default();
+        let mut policy = Event::new(Entity::Policy, Operation::Created, "p");
+        policy.document = Some(r#"{"Version": "2012-10-17"}"#.into());
+        a.fold(&policy);
+        policy.document = Some(r#"{"Version":"2012-10-17"}"#.into());
+        b.fold(&policy);
+        let mut certificate = Event::new(Entity::Certificate, Operation::Created, "c");
+        certificate.document = Some(json!({ "certificatePem": "-----BEGIN\nAB\n-----END\n" }).to_string());
+        a.fold(&certificate);
+        certificate.document = Some(json!({ "certificatePem": "-----BEGIN\r\nAB\r\n-----END" }).to_string());
+        b.fold(&certificate);
+        assert_eq!(a, b);
+    }
+}
