@@ -378,6 +378,12 @@ impl StateStore {
         })
     }
 
+    /// Forgets a shadow write noted in flight: it was made, and the change
+    /// leaves no ledger entry (it carries no version) to clear it.
+    pub fn clear_in_flight(&self, region: &str, key: &str) -> Result<(), StateError> {
+        self.with(|c| c.execute("DELETE FROM in_flight WHERE region = ?1 AND key = ?2", params![region, key]).map(drop))
+    }
+
     /// The shadow write noted by [`StateStore::mark_in_flight`] and not recorded since.
     pub fn in_flight(&self, region: &str, key: &str) -> Result<Option<InFlight>, StateError> {
         self.with(|c| {

@@ -63,8 +63,8 @@ impl Applier {
         let key = shadow_key(thing, shadow.unwrap_or(""));
         let payload = call.input.get("payload").ok_or_else(|| invalid(call.operation, "input lacks `payload`"))?;
         let change = match Position::of(event).map(|p| p.order) {
-            Some(Order::ShadowVersion(version)) => version,
-            _ => 0,
+            Some(Order::ShadowVersion(version)) => Some(version),
+            _ => None,
         };
         let known = self.state.known(region, SHADOW_VERSION, &key)?.and_then(|v| v.parse().ok());
         let attempt = Mutex::new(match self.state.in_flight(region, &key)? {
@@ -75,17 +75,17 @@ impl Applier {
             None => Attempt { expected: known, uncertain: false, waited: false },
         });
         let mut conflicts = 0;
-        loop {
+        let made = loop {
             let expected = attempt.lock().expect("attempt").expected;
-            self.state.mark_in_flight(region, &key, change, expected)?;
+            self.state.mark_in_flight(region, &key, change.unwrap_or(0), expected)?;
             let result = self
                 .limiter
                 .send(region, "UpdateThingShadow", || self.write_attempt(c, thing, shadow, payload, &attempt))
                 .await
                 .map_err(|error| ApplyError::Aws { operation: "UpdateThingShadow".into(), error });
             match result {
-                Ok(Wrote::Written(version)) => return self.note_version(region, &key, version),
-                Ok(Wrote::Found(version)) => return self.note_version(region, &key, Some(version)),
+                Ok(Wrote::Written(version)) => break version,
+                Ok(Wrote::Found(version)) => break Some(version),
                 Err(e) if is(&e, ErrorKind::Conflict) && conflicts < MAX_CONFLICTS => {
                     conflicts += 1;
                     // The target's version moved: this write made earlier
@@ -94,18 +94,25 @@ impl Applier {
                     let target =
                         target.map_err(|error| ApplyError::Aws { operation: "GetThingShadow".into(), error })?;
                     let mut attempt = attempt.lock().expect("attempt");
+                    attempt.uncertain = false;
                     match target {
                         Target::At { version, holds: true } if attempt.expected.is_some_and(|e| version == e + 1) => {
-                            return self.note_version(region, &key, Some(version));
+                            break Some(version);
                         }
                         Target::At { version, .. } => attempt.expected = Some(version),
                         Target::Missing => attempt.expected = None,
                     }
-                    attempt.uncertain = false;
                 }
                 Err(e) => return Err(e),
             }
+        };
+        self.note_version(region, &key, made)?;
+        // A change with a version stays in flight until its ledger entry is
+        // recorded (Applier::apply), which clears it.
+        if change.is_none() {
+            self.state.clear_in_flight(region, &key)?;
         }
+        Ok(())
     }
 
     /// One attempt: after an attempt whose answer was lost, looks at the
