@@ -6,6 +6,7 @@ mod common;
 
 use common::fleet::seed;
 use common::moto::Moto;
+use common::region_state::{assert_same, region_state, without_shadow_versions};
 use common::runner::{Run, iotdr};
 use serde_json::{Value, json};
 
@@ -61,7 +62,7 @@ async fn a_synced_fleet_verifies_equal_and_drift_made_by_hand_is_found_by_kind()
         .await
         .unwrap();
     let data = moto.data(TARGET).await;
-    let state = json!({ "state": { "desired": { "mode": "boost" } } }).to_string();
+    let state = json!({ "state": { "desired": { "mode": "boost", "extra": 1 } } }).to_string();
     data.update_thing_shadow()
         .thing_name("dev-0000")
         .payload(aws_sdk_iotdataplane::primitives::Blob::new(state))
@@ -87,7 +88,7 @@ async fn a_synced_fleet_verifies_equal_and_drift_made_by_hand_is_found_by_kind()
         "{report:#}"
     );
     assert_eq!(different("certificates"), [(certificate, "status".to_string())], "{report:#}");
-    assert_eq!(different("shadows"), [("dev-0000 (classic)".to_string(), "state.desired.mode".to_string())]);
+    assert_eq!(different("shadows"), [("dev-0000 (classic)".to_string(), "state.desired.extra".to_string())]);
     assert_eq!(names(&report, 0, "things", "extra"), ["stray"]);
     assert_eq!(kinds["things"]["equal"], fleet.things - 2);
     for kind in ["thing-types", "thing-groups", "billing-groups", "policies"] {
@@ -102,6 +103,20 @@ async fn a_synced_fleet_verifies_equal_and_drift_made_by_hand_is_found_by_kind()
     assert!(table.contains("different  things dev-0001 attributes.site: source \""), "{table}");
     assert!(table.contains("extra      things stray"), "{table}");
     assert!(table.contains("eu-west-1: 5 entities drifted"), "{table}");
+
+    // Repaired: the drift goes to the target as events, and it verifies equal.
+    let out = iotdr(&moto, test.dir.path(), &["verify", test.pipeline.to_str().unwrap(), "--json", "--repair"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {stderr}"));
+    assert_eq!((out.status.code(), &report["equal"]), (Some(0), &json!(true)), "{report:#}\n{stderr}");
+    assert_eq!(report["repair"]["sent"]["summary"]["dead_letters"], 0, "{report:#}");
+    assert_eq!(report["repair"]["before"][0]["kinds"]["things"]["extra"], json!(["stray"]));
+    assert_same(
+        &without_shadow_versions(region_state(&moto, SOURCE).await),
+        &without_shadow_versions(region_state(&moto, TARGET).await),
+    );
+    let (code, _) = verify(&moto, &test);
+    assert_eq!(code, 0);
 }
 
 #[tokio::test]

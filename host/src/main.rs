@@ -83,6 +83,10 @@ enum Command {
         /// Print the report as JSON instead of a table.
         #[arg(long)]
         json: bool,
+        /// Send the drift to the targets (the source's events of what is
+        /// missing or different, deletions of extras), then verify again.
+        #[arg(long)]
+        repair: bool,
     },
     /// Lists, replays or purges the dead letters of a pipeline (kept in its state folder).
     DeadLetters {
@@ -275,22 +279,7 @@ async fn execute(cli: Cli) -> Result<ExitCode> {
             let run = RunFlags { dry_run, until_idle, fetch, from_start, idle_after };
             run_pipeline(&pipeline, config, run, cli.cache_dir).await
         }
-        Command::Verify { pipeline, json } => {
-            let config = PipelineConfig::load(&pipeline)?;
-            let engine = engine(cli.cache_dir)?;
-            let mut built = Pipeline::build(&config, &engine)?;
-            let limiter = Arc::new(Limiter::from_config(&config.apply));
-            let reports = iotdr::verify::verify(&config, &mut built, limiter)
-                .await
-                .with_context(|| format!("verifying {}", pipeline.display()))?;
-            if json {
-                let drift: usize = reports.iter().map(|r| r.drift()).sum();
-                println!("{}", serde_json::json!({ "equal": drift == 0, "regions": reports }));
-            } else {
-                print!("{}", iotdr::verify::render(&reports));
-            }
-            Ok(if reports.iter().all(|r| r.drift() == 0) { ExitCode::SUCCESS } else { ExitCode::from(1) })
-        }
+        Command::Verify { pipeline, json, repair } => verify(&pipeline, json, repair, cli.cache_dir).await,
         Command::DeadLetters { command } => dead_letters(command, cli.cache_dir).await,
         Command::Plugin { command: PluginCommand::Test { plugin, events, config, source_region, targets } } => {
             serde_json::from_str::<serde_json::Value>(&config).context("--config is not JSON")?;
@@ -431,6 +420,56 @@ async fn run_pipeline(
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `iotdr verify [--json] [--repair]`: exit 1 on drift (after the repair, with `--repair`).
+async fn verify(pipeline: &std::path::Path, json: bool, repair: bool, cache_dir: Option<PathBuf>) -> Result<ExitCode> {
+    let config = PipelineConfig::load(pipeline)?;
+    let engine = engine(cache_dir)?;
+    let mut built = Pipeline::build(&config, &engine)?;
+    let limiter = Arc::new(Limiter::from_config(&config.apply));
+    let context = || format!("verifying {}", pipeline.display());
+    let mut verification = iotdr::verify::verify(&config, &mut built, limiter.clone()).await.with_context(context)?;
+    let mut repaired = None;
+    if repair && verification.drift() > 0 {
+        if !json {
+            print!("{}", iotdr::verify::render(&verification.reports));
+        }
+        // A repair writes like a run: it takes the state folder.
+        let _lock = FolderLock::take(&config.state_dir)?;
+        let state = Arc::new(StateStore::open(&config.state_dir)?);
+        let mut sink = AwsSink::connect(&config, state.clone(), limiter.clone()).await?;
+        let done = iotdr::verify::repair(&config, &mut built, &mut sink, &state, &verification)
+            .await
+            .with_context(|| format!("repairing the targets of {}", pipeline.display()))?;
+        eprintln!("repair: {}", serde_json::to_string(&done).expect("JSON"));
+        if done.summary.dead_letters > 0 {
+            eprintln!(
+                "{} dead letter(s) kept in {}: see `iotdr dead-letters list {}`",
+                done.summary.dead_letters,
+                state.path().display(),
+                pipeline.display()
+            );
+        }
+        let before = std::mem::replace(
+            &mut verification,
+            iotdr::verify::verify(&config, &mut built, limiter).await.with_context(context)?,
+        );
+        repaired = Some((before.reports, done));
+    }
+    if json {
+        let mut report = serde_json::json!({ "equal": verification.drift() == 0, "regions": verification.reports });
+        if let Some((before, done)) = repaired {
+            report["repair"] = serde_json::json!({ "before": before, "sent": done });
+        }
+        println!("{report}");
+    } else {
+        if repaired.is_some() {
+            println!("after the repair:\n");
+        }
+        print!("{}", iotdr::verify::render(&verification.reports));
+    }
+    Ok(if verification.drift() == 0 { ExitCode::SUCCESS } else { ExitCode::from(1) })
 }
 
 async fn dead_letters(command: DeadLetterCommand, cache_dir: Option<PathBuf>) -> Result<ExitCode> {

@@ -48,6 +48,7 @@ pub fn plan(event: &Event, region: &str) -> Result<Vec<Call>, PlanError> {
             }
             let mut calls = vec![call("CreateThing", input)];
             calls.extend(attach_principals(event, region));
+            calls.extend(detach_principals(event, region));
             calls
         }
         (E::Thing, O::Updated) => {
@@ -61,6 +62,7 @@ pub fn plan(event: &Event, region: &str) -> Result<Vec<Call>, PlanError> {
             }
             let mut calls = vec![call("UpdateThing", input)];
             calls.extend(attach_principals(event, region));
+            calls.extend(detach_principals(event, region));
             calls
         }
         // The applier first detaches the principals and deletes the shadows it
@@ -230,6 +232,24 @@ fn attach_principals(event: &Event, region: &str) -> Vec<Call> {
         .map(|(_, id)| Call {
             region: region.to_string(),
             operation: "AttachThingPrincipal",
+            input: json!({
+                "thingName": event.name,
+                "principal": format!("arn:aws:iot:{region}:{}:cert/{id}", event.account_id),
+            }),
+        })
+        .collect()
+}
+
+/// `DetachThingPrincipal` for each certificate the event names as detached
+/// (a repair's); the applier finds its ARN in the target.
+fn detach_principals(event: &Event, region: &str) -> Vec<Call> {
+    event
+        .related
+        .iter()
+        .filter(|(kind, _)| kind == related::DETACHED_PRINCIPAL)
+        .map(|(_, id)| Call {
+            region: region.to_string(),
+            operation: "DetachThingPrincipal",
             input: json!({
                 "thingName": event.name,
                 "principal": format!("arn:aws:iot:{region}:{}:cert/{id}", event.account_id),

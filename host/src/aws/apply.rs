@@ -5,7 +5,7 @@
 use super::clients::RegionClients;
 use super::errors::{AwsError, ErrorKind};
 use super::rate::Limiter;
-use crate::event::{Event, related};
+use crate::event::{Entity, Event, related};
 use crate::plan::Call;
 use crate::state::ledger::Position;
 use crate::state::{StateError, StateStore};
@@ -30,6 +30,22 @@ pub(crate) mod known {
     pub const ATTACHMENT: &str = "thing-principal";
     /// A policy–certificate attachment, named `<policy> <certificate ARN>`.
     pub const POLICY_ATTACHMENT: &str = "policy-attachment";
+}
+
+/// Forgets what iotdr recorded of `entity` `name` in `region` (attachments it
+/// made, a certificate's status, a policy's digest), so that its next change
+/// is made whatever the record says: `verify --repair` found the target
+/// changed behind iotdr's back.
+pub fn forget_known(state: &StateStore, region: &str, entity: Entity, name: &str) -> Result<(), StateError> {
+    match entity {
+        Entity::Thing => state.forget_starting(region, known::ATTACHMENT, &format!("{name} ")),
+        Entity::Certificate => {
+            state.forget(region, known::CERTIFICATE, name)?;
+            state.forget_ending(region, known::POLICY_ATTACHMENT, &format!(":cert/{name}"))
+        }
+        Entity::Policy => state.forget(region, known::POLICY, name),
+        _ => Ok(()),
+    }
 }
 
 #[derive(Debug, Default)]
@@ -237,14 +253,19 @@ impl Applier {
             }
             "DeleteThing" => self.delete_thing(c, text(call, "thingName")?).await,
             "DetachThingPrincipal" => {
+                let thing = text(call, "thingName")?;
+                // The certificate's ARN in the target; gone from it, there is nothing to detach.
+                let arn = match self.principal_in_target(c, text(call, "principal")?).await {
+                    Ok(arn) => arn,
+                    Err(e) if is(&e, ErrorKind::NotFound) => return Ok(()),
+                    Err(e) => return Err(e),
+                };
+                self.state.forget(region, known::ATTACHMENT, &format!("{thing} {arn}"))?;
                 let result = send!(
                     self,
                     region,
                     "DetachThingPrincipal",
-                    c.iot
-                        .detach_thing_principal()
-                        .thing_name(text(call, "thingName")?)
-                        .principal(text(call, "principal")?)
+                    c.iot.detach_thing_principal().thing_name(thing).principal(&arn)
                 );
                 ok_if_not_found(result.map(drop))
             }

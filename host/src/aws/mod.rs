@@ -25,7 +25,7 @@ mod fetch;
 mod rate;
 mod registry;
 
-pub use apply::{Applied, Applier, ApplyError, DependencyWait};
+pub use apply::{Applied, Applier, ApplyError, DependencyWait, forget_known};
 pub use clients::RegionClients;
 pub use errors::{AwsError, ErrorKind};
 pub use fetch::{ReadPlan, SourceFetcher, carries_pem};

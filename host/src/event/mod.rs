@@ -108,6 +108,9 @@ pub mod related {
     pub const CERTIFICATE_STATUS: &str = "certificate-status";
     pub const SHADOW_NAME: &str = "shadow-name";
     pub const POLICY: &str = "policy";
+    /// A certificate to detach from the thing (`verify --repair`: attached
+    /// in the target, not in the source).
+    pub const DETACHED_PRINCIPAL: &str = "detached-principal";
 }
 
 /// One change in the source region, carrying the full state needed to apply it.

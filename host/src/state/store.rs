@@ -275,6 +275,17 @@ impl StateStore {
         })
     }
 
+    /// Forgets every `kind` entry of `region` whose name starts with `prefix`.
+    pub fn forget_starting(&self, region: &str, kind: &str, prefix: &str) -> Result<(), StateError> {
+        self.with(|c| {
+            c.execute(
+                "DELETE FROM known WHERE region = ?1 AND kind = ?2 AND substr(name, 1, length(?3)) = ?3",
+                params![region, kind, prefix],
+            )
+            .map(drop)
+        })
+    }
+
     /// Forgets every `kind` entry of `region` whose name ends with `suffix`.
     pub fn forget_ending(&self, region: &str, kind: &str, suffix: &str) -> Result<(), StateError> {
         self.with(|c| {

@@ -19,6 +19,37 @@ pub struct Image {
     pub kinds: BTreeMap<&'static str, BTreeMap<String, Value>>,
 }
 
+/// The entry a scan event folds into: its kind and name (a membership's is its thing's).
+pub fn entry_of(event: &Event) -> Option<(&'static str, String)> {
+    let name = event.name.clone();
+    Some(match event.entity {
+        Entity::ThingType => ("thing-types", name),
+        Entity::ThingGroup => ("thing-groups", name),
+        Entity::BillingGroup => ("billing-groups", name),
+        Entity::Policy => ("policies", name),
+        Entity::Certificate => ("certificates", name),
+        Entity::Thing | Entity::ThingGroupMembership | Entity::BillingGroupMembership => ("things", name),
+        Entity::Shadow => ("shadows", shadow_entry(&name, event.related(related::SHADOW_NAME))),
+        Entity::ThingTypeAssociation | Entity::ThingGroupHierarchy => return None,
+    })
+}
+
+/// A shadow's entry name: `pump-1 (classic)`, `pump-1/maintenance`.
+pub fn shadow_entry(thing: &str, shadow: Option<&str>) -> String {
+    match shadow {
+        Some(shadow) => format!("{thing}/{shadow}"),
+        None => format!("{thing} (classic)"),
+    }
+}
+
+/// The thing and shadow an entry name of [`shadow_entry`] names (thing names hold no `/`).
+pub fn shadow_of(entry: &str) -> (&str, Option<&str>) {
+    match entry.strip_suffix(" (classic)") {
+        Some(thing) => (thing, None),
+        None => entry.split_once('/').map_or((entry, None), |(thing, shadow)| (thing, Some(shadow))),
+    }
+}
+
 impl Image {
     /// Adds what a scan event says (memberships add to their thing).
     pub fn fold(&mut self, event: &Event) {
@@ -87,11 +118,7 @@ impl Image {
                 self.thing(name).insert("billing_group".into(), json!(group));
             }
             Entity::Shadow => {
-                let shadow = event.related(related::SHADOW_NAME);
-                let key = match shadow {
-                    Some(shadow) => format!("{name}/{shadow}"),
-                    None => format!("{name} (classic)"),
-                };
+                let key = shadow_entry(&name, event.related(related::SHADOW_NAME));
                 self.put("shadows", key, json!({ "state": document().get("state") }));
             }
             // The scan lists none of these: they are parts of the entities above.
@@ -158,6 +185,8 @@ mod tests {
                           "groups": ["lyon"], "billing_group": null }))
         );
         assert_eq!(image.get("shadows", "pump-1 (classic)"), Some(&json!({ "state": { "reported": { "on": true } } })));
+        assert_eq!(shadow_of("pump-1 (classic)"), ("pump-1", None));
+        assert_eq!(shadow_of("pump-1/maintenance"), ("pump-1", Some("maintenance")));
     }
 
     #[test]

@@ -2,18 +2,21 @@
 //! registry and shadows, listed by the registry scan and passed through the
 //! pipeline's stages, so filtered, renamed and re-routed entities compare as
 //! they were replicated) against what it holds (its own scan), entity by
-//! entity. Reads only; the regions are scanned side by side.
+//! entity. Reads only; the regions are scanned side by side. `repair`
+//! sends the drift found to the targets (see `repair.rs`).
 
 mod diff;
 mod image;
+mod repair;
 
 pub use diff::{Difference, KindReport, RegionReport, compare, render};
 pub use image::{Image, KINDS};
+pub use repair::{Repaired, repair};
 
 use crate::aws::{Limiter, RegionClients};
 use crate::config;
 use crate::context::ThingContext;
-use crate::event::decode_line;
+use crate::event::{Event, decode_line};
 use crate::pipeline::{Halted, Pipeline};
 use crate::source::{RegistryScan, Source, SourceError};
 use crate::state::{StateError, StateStore};
@@ -33,20 +36,37 @@ pub enum VerifyError {
 }
 
 /// What the source looked like through the pipeline: per target region,
-/// and what never reached one.
+/// the image it should hold and the events that make each of its entries.
 #[derive(Debug, Default)]
 pub struct Expected {
     pub regions: BTreeMap<String, Image>,
+    pub events: BTreeMap<String, BTreeMap<(&'static str, String), Vec<Event>>>,
     /// Events a stage failed on (dead letters in a run): missing in every target.
     pub failed: usize,
 }
 
-/// Verifies every target of `config`; one report per target region, in order.
+/// One verification: a report per target region (in the pipeline's order),
+/// with what was compared.
+#[derive(Debug)]
+pub struct Verification {
+    pub reports: Vec<RegionReport>,
+    pub expected: Expected,
+    /// Each target as listed, in the same order.
+    pub actual: Vec<Image>,
+}
+
+impl Verification {
+    pub fn drift(&self) -> usize {
+        self.reports.iter().map(RegionReport::drift).sum()
+    }
+}
+
+/// Verifies every target of `config`.
 pub async fn verify(
     config: &config::Pipeline,
     pipeline: &mut Pipeline,
     limiter: Arc<Limiter>,
-) -> Result<Vec<RegionReport>, VerifyError> {
+) -> Result<Verification, VerifyError> {
     let source = connect(config, &config.source_region).await?;
     let mut targets = Vec::new();
     for region in &config.targets {
@@ -61,12 +81,13 @@ pub async fn verify(
         tracing::warn!("{} source entities failed a stage: they are missing in every target", expected.failed);
     }
     let empty = Image::default();
-    Ok(config
+    let reports = config
         .targets
         .iter()
         .zip(&actual)
         .map(|(region, actual)| compare(region, expected.regions.get(region).unwrap_or(&empty), actual))
-        .collect())
+        .collect();
+    Ok(Verification { reports, expected, actual })
 }
 
 async fn connect(config: &config::Pipeline, region: &str) -> Result<RegionClients, VerifyError> {
@@ -103,8 +124,11 @@ async fn expected(
             if !config.apply.replicate.contains(&event.entity) {
                 continue;
             }
+            let Some(entry) = image::entry_of(&event) else { continue };
             for region in event.targets.iter().filter(|r| config.targets.contains(r)) {
                 expected.regions.entry(region.clone()).or_default().fold(&event);
+                let events = expected.events.entry(region.clone()).or_default();
+                events.entry(entry.clone()).or_default().push(event.clone());
             }
         }
     }

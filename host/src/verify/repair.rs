@@ -1,0 +1,251 @@
+//! `iotdr verify --repair`: the drift a verification found, sent to each
+//! target as events. Missing and different entities get the events the
+//! source made of them through the pipeline (so they arrive filtered,
+//! renamed and mapped as replicated), plus removals of what the target has
+//! on a thing and the source does not (groups, a billing group,
+//! certificates); extras get deletions, in their region only. What iotdr
+//! recorded about a drifted entity (attachments, a certificate's status, a
+//! policy's digest) is forgotten first: the target was changed behind its
+//! back, and the records would skip the very calls that repair it.
+
+use super::image::{Image, shadow_of};
+use super::{KINDS, RegionReport, Verification};
+use crate::aws::forget_known;
+use crate::config;
+use crate::event::{Entity, Event, Operation, related};
+use crate::pipeline::Pipeline;
+use crate::run::{RunError, Summary, apply_events};
+use crate::sink::Sink;
+use crate::state::StateStore;
+use serde::Serialize;
+use serde_json::Value;
+use std::collections::BTreeMap;
+
+/// What a repair sent and what became of it.
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct Repaired {
+    /// Events sent, per target region.
+    pub events: BTreeMap<String, usize>,
+    /// The apply's counts (dead letters are kept in the state folder, as a run's).
+    pub summary: Summary,
+}
+
+/// Sends the drift of `verification` to the targets through `sink`.
+pub async fn repair<S: Sink>(
+    config: &config::Pipeline,
+    pipeline: &mut Pipeline,
+    sink: &mut S,
+    state: &StateStore,
+    verification: &Verification,
+) -> Result<Repaired, RunError> {
+    let mut repaired = Repaired::default();
+    let now = now_ms();
+    let mut events = Vec::new();
+    let none = BTreeMap::new();
+    for (report, actual) in verification.reports.iter().zip(&verification.actual) {
+        let expected = verification.expected.events.get(&report.region).unwrap_or(&none);
+        let region_events = events_for(report, expected, actual, now);
+        for (kind, names) in drifted(report) {
+            for name in names {
+                if let Some(entity) = entity_of(kind) {
+                    forget_known(state, &report.region, entity, name)?;
+                }
+            }
+        }
+        repaired.events.insert(report.region.clone(), region_events.len());
+        events.extend(region_events);
+    }
+    // Past the last stage: these went through the stages already, or are the target's own.
+    let past_stages = pipeline.stage_names().count();
+    let dead = apply_events(config, pipeline, sink, past_stages, events, &mut repaired.summary).await?;
+    for letter in &dead {
+        state.add_dead_letter(letter)?;
+    }
+    repaired.summary.dead_letters = dead.len() as u64;
+    Ok(repaired)
+}
+
+/// Per kind, the names of entities missing in or different from the target.
+fn drifted(report: &RegionReport) -> impl Iterator<Item = (&'static str, Vec<&String>)> {
+    report
+        .kinds
+        .iter()
+        .map(|(kind, counts)| (*kind, counts.missing.iter().chain(counts.different.iter().map(|d| &d.name)).collect()))
+}
+
+/// The events that bring one region to what the source says.
+fn events_for(
+    report: &RegionReport,
+    expected: &BTreeMap<(&'static str, String), Vec<Event>>,
+    actual: &Image,
+    now: u64,
+) -> Vec<Event> {
+    let region = &report.region;
+    let mut out = Vec::new();
+    for (kind, names) in drifted(report) {
+        for name in names {
+            let Some(source) = expected.get(&(kind, name.clone())) else { continue };
+            let mut events: Vec<Event> = source.iter().cloned().map(|e| only_in(e, region)).collect();
+            for event in &mut events {
+                if event.entity == Entity::Shadow {
+                    // Its version may be in the ledger already (the target's
+                    // shadow was changed by hand since): without one, it is
+                    // written whatever the ledger says.
+                    event.version = None;
+                    // A shadow update merges: what only the target has is removed with nulls.
+                    if let Some(have) = actual.get(kind, name) {
+                        event.document = event.document.take().map(|d| removing_extras(&d, &have["state"]));
+                    }
+                }
+            }
+            if kind == "things"
+                && let Some(have) = actual.get(kind, name)
+            {
+                let removed = removals(name, &mut events, have, region, now);
+                events.splice(0..0, removed);
+            }
+            out.extend(events);
+        }
+    }
+    for kind in KINDS {
+        for name in &report.kinds[kind].extra {
+            out.extend(deletion(kind, name, actual.get(kind, name), region, now));
+        }
+    }
+    out
+}
+
+/// What the target has on thing `name` that the source's `events` do not
+/// give it: group and billing-group memberships to remove (first), and
+/// certificates to detach (named on the thing's own event).
+fn removals(name: &str, events: &mut [Event], have: &Value, region: &str, now: u64) -> Vec<Event> {
+    let wanted = |entity: Entity, kind: &str| -> Vec<String> {
+        events.iter().filter(|e| e.entity == entity).filter_map(|e| e.related(kind).map(str::to_string)).collect()
+    };
+    let groups = wanted(Entity::ThingGroupMembership, related::THING_GROUP);
+    let billing = wanted(Entity::BillingGroupMembership, related::BILLING_GROUP);
+    let texts = |field: &str| -> Vec<String> {
+        match &have[field] {
+            Value::Array(items) => items.iter().filter_map(|v| v.as_str().map(str::to_string)).collect(),
+            Value::String(one) => vec![one.clone()],
+            _ => Vec::new(),
+        }
+    };
+    let mut out = Vec::new();
+    for group in texts("groups").into_iter().filter(|g| !groups.contains(g)) {
+        let mut removal = repair_event(Entity::ThingGroupMembership, Operation::Removed, name, region, now);
+        removal.set_related(related::THING_GROUP, Some(group));
+        out.push(removal);
+    }
+    for group in texts("billing_group").into_iter().filter(|g| !billing.contains(g)) {
+        let mut removal = repair_event(Entity::BillingGroupMembership, Operation::Removed, name, region, now);
+        removal.set_related(related::BILLING_GROUP, Some(group));
+        out.push(removal);
+    }
+    if let Some(thing) = events.iter_mut().find(|e| e.entity == Entity::Thing) {
+        let attached: Vec<String> =
+            thing.related.iter().filter(|(k, _)| k == related::PRINCIPAL).map(|(_, v)| v.clone()).collect();
+        for certificate in texts("certificates").into_iter().filter(|c| !attached.contains(c)) {
+            thing.related.push((related::DETACHED_PRINCIPAL.into(), certificate));
+        }
+    }
+    out
+}
+
+/// A shadow update `document` that also removes (sets to null) every key of
+/// `have` (the target's state) that its state lacks.
+fn removing_extras(document: &str, have: &Value) -> String {
+    fn nulls(want: &mut Value, have: &Value) {
+        let (Value::Object(want), Value::Object(have)) = (want, have) else { return };
+        for (key, value) in have {
+            match want.get_mut(key) {
+                Some(nested) => nulls(nested, value),
+                None => {
+                    want.insert(key.clone(), Value::Null);
+                }
+            }
+        }
+    }
+    let Ok(mut document) = serde_json::from_str::<Value>(document) else { return document.to_string() };
+    if !document["state"].is_object() {
+        document["state"] = Value::Object(Default::default());
+    }
+    // The only parts an update may name.
+    for part in ["desired", "reported"] {
+        let Some(had) = have.get(part).filter(|v| v.is_object()) else { continue };
+        match document["state"].get_mut(part) {
+            Some(want) if want.is_object() => nulls(want, had),
+            _ => document["state"][part] = Value::Null,
+        }
+    }
+    document.to_string()
+}
+
+/// The deletion of an entity the target holds and the source does not.
+fn deletion(kind: &str, name: &str, have: Option<&Value>, region: &str, now: u64) -> Option<Event> {
+    let entity = match kind {
+        "shadows" => {
+            let (thing, shadow) = shadow_of(name);
+            let mut event = repair_event(Entity::Shadow, Operation::Deleted, thing, region, now);
+            event.set_related(related::SHADOW_NAME, shadow.map(str::to_string));
+            return Some(event);
+        }
+        kind => entity_of(kind)?,
+    };
+    let mut event = repair_event(entity, Operation::Deleted, name, region, now);
+    // A dynamic group is deleted with its own call.
+    if entity == Entity::ThingGroup && have.is_some_and(|g| g["dynamic"] == Value::Bool(true)) {
+        event.document = Some(r#"{"dynamic":true}"#.into());
+    }
+    Some(event)
+}
+
+fn entity_of(kind: &str) -> Option<Entity> {
+    Some(match kind {
+        "thing-types" => Entity::ThingType,
+        "thing-groups" => Entity::ThingGroup,
+        "billing-groups" => Entity::BillingGroup,
+        "policies" => Entity::Policy,
+        "certificates" => Entity::Certificate,
+        "things" => Entity::Thing,
+        _ => return None,
+    })
+}
+
+fn repair_event(entity: Entity, operation: Operation, name: &str, region: &str, now: u64) -> Event {
+    let mut event = Event::new(entity, operation, name);
+    event.id = format!("repair-{}-{}-{name}-{now}", entity.as_str(), operation.as_str());
+    event.timestamp_ms = now;
+    event.targets = vec![region.to_string()];
+    event
+}
+
+fn only_in(mut event: Event, region: &str) -> Event {
+    event.targets = vec![region.to_string()];
+    event
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn a_shadow_repair_removes_what_only_the_target_has() {
+        let document = json!({ "state": { "desired": { "mode": "eco" }, "reported": { "on": true } } }).to_string();
+        let have = json!({ "desired": { "mode": "boost", "extra": 1 }, "reported": { "on": true } });
+        let repaired: Value = serde_json::from_str(&removing_extras(&document, &have)).unwrap();
+        assert_eq!(
+            repaired,
+            json!({ "state": { "desired": { "mode": "eco", "extra": null }, "reported": { "on": true } } })
+        );
+        // A part the source's shadow lacks goes whole.
+        let document = json!({ "state": { "reported": { "on": true } } }).to_string();
+        let repaired: Value = serde_json::from_str(&removing_extras(&document, &have)).unwrap();
+        assert_eq!(repaired, json!({ "state": { "desired": null, "reported": { "on": true } } }));
+    }
+}
