@@ -167,3 +167,78 @@ async fn a_routed_and_filtered_pipeline_verifies_each_region_against_its_share()
     assert_eq!(names(&report, 0, "things", "extra"), ["dev-0001"]);
     assert_eq!(report["regions"][1]["kinds"]["things"]["extra"], json!([]));
 }
+
+/// `[reconcile] every`: a run that follows its source catches what AWS
+/// publishes no event for (a certificate deactivated, a new policy version)
+/// and what was changed in the target behind its back (an attribute, a
+/// shadow), and leaves a target's extra thing alone.
+#[tokio::test]
+async fn a_following_run_reconciles_what_no_event_says() {
+    let moto = Moto::start();
+    let fleet = seed(&moto, SOURCE, 12).await;
+    let test = Run::new(SOURCE, &moto.url, TARGET, &moto.url, &fleet.events, "");
+    let text = std::fs::read_to_string(&test.pipeline).unwrap();
+    std::fs::write(&test.pipeline, format!("{text}\n[reconcile]\nevery = \"1s\"\n")).unwrap();
+    let log = std::fs::File::create(test.dir.path().join("run.log")).unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_iotdr"))
+        .args(["run", test.pipeline.to_str().unwrap()])
+        .current_dir(test.dir.path())
+        .env("IOTDR_CACHE_DIR", common::cache_dir())
+        .env("IOTDR_LOG", "info")
+        .envs(moto.env())
+        .stdout(std::process::Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while region_state(&moto, TARGET).await["things"].as_object().unwrap().len() < fleet.things {
+        assert!(std::time::Instant::now() < deadline, "the fleet never arrived: {}", test.log());
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+
+    // No event says any of this.
+    let iot = moto.iot(SOURCE).await;
+    let principals = iot.list_thing_principals().thing_name("dev-0000").send().await.unwrap().principals.unwrap();
+    let certificate = principals[0].rsplit_once(":cert/").unwrap().1.to_string();
+    iot.update_certificate()
+        .certificate_id(&certificate)
+        .new_status(aws_sdk_iot::types::CertificateStatus::Revoked)
+        .send()
+        .await
+        .unwrap();
+    let document = r#"{"Version":"2012-10-17","Statement":[{"Effect":"Deny","Action":"iot:*","Resource":"*"}]}"#;
+    iot.create_policy_version()
+        .policy_name("device-policy")
+        .policy_document(document)
+        .set_as_default(true)
+        .send()
+        .await
+        .unwrap();
+    let target = moto.iot(TARGET).await;
+    let attributes = aws_sdk_iot::types::AttributePayload::builder().attributes("site", "nowhere").merge(true).build();
+    target.update_thing().thing_name("dev-0003").attribute_payload(attributes).send().await.unwrap();
+    let state = json!({ "state": { "reported": { "temperature": 99, "hacked": true } } }).to_string();
+    let data = moto.data(TARGET).await;
+    let payload = aws_sdk_iotdataplane::primitives::Blob::new(state);
+    data.update_thing_shadow().thing_name("dev-0002").payload(payload).send().await.unwrap();
+    target.create_thing().thing_name("stray").send().await.unwrap();
+
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    loop {
+        let source = without_shadow_versions(region_state(&moto, SOURCE).await);
+        let mut target = without_shadow_versions(region_state(&moto, TARGET).await);
+        let stray = target["things"].as_object_mut().unwrap().remove("stray");
+        if source == target {
+            assert!(stray.is_some(), "a live run deletes nothing the source did not delete");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the drift was never reconciled: {}", test.log());
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let target = region_state(&moto, TARGET).await;
+    assert_eq!(target["certificates"][&certificate]["status"], "REVOKED");
+    assert_eq!(target["things"]["dev-0002"]["shadows"]["classic"]["state"]["reported"].get("hacked"), None);
+    assert!(test.log().contains("left alone"), "the extra thing is reported: {}", test.log());
+}

@@ -81,6 +81,7 @@ rate_limits = {{ "*" = 100000.0 }}
         poll_interval: Duration::from_millis(10),
         recheck_after: None,
         queue_limit: config.ingest.queue_limit,
+        reconcile: None,
     };
     let started = Instant::now();
     let summary = runtime

@@ -209,6 +209,7 @@ fn main() {
             poll_interval: Duration::from_millis(50),
             recheck_after: config.ingest.recheck_after,
             queue_limit: config.ingest.queue_limit,
+            reconcile: None,
         };
         let total = (rate * seconds) as usize;
         let writer = async {
@@ -274,6 +275,7 @@ fn main() {
             poll_interval: Duration::from_millis(50),
             recheck_after: config.ingest.recheck_after,
             queue_limit: config.ingest.queue_limit,
+            reconcile: None,
         };
         let started = Instant::now();
         let summary = run(&config, &state, &mut source, Some(&fetcher), &mut pipeline, &mut sink, &options, &|_| {})

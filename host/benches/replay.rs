@@ -84,6 +84,7 @@ path = "events.jsonl"
         poll_interval: Duration::from_millis(10),
         recheck_after: None,
         queue_limit: config.ingest.queue_limit,
+        reconcile: None,
     };
     let started = Instant::now();
     let summary = runtime

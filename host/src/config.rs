@@ -57,6 +57,9 @@ pub struct Pipeline {
     pub stages: Vec<Stage>,
     pub apply: Apply,
     pub ingest: Ingest,
+    /// How often `iotdr run` compares the targets with the source and queues
+    /// the drift (`[reconcile] every`); `None`: never.
+    pub reconcile_every: Option<Duration>,
     pub state_dir: PathBuf,
 }
 
@@ -179,7 +182,15 @@ struct RawFile {
     #[serde(default)]
     ingest: RawIngest,
     #[serde(default)]
+    reconcile: RawReconcile,
+    #[serde(default)]
     state: RawState,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawReconcile {
+    every: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -454,6 +465,12 @@ impl Pipeline {
             stages,
             apply: apply_settings(raw_apply, replicate, &at)?,
             ingest: ingest_settings(&raw.ingest, &at)?,
+            reconcile_every: match &raw.reconcile.every {
+                None => None,
+                Some(every) => {
+                    Some(interval(every.get_ref()).map_err(|e| at(every.span(), format!("reconcile.every: {e}")))?)
+                }
+            },
             state_dir: base.join(raw.state.dir.as_deref().unwrap_or(".iotdr-state")),
         })
     }
@@ -547,6 +564,24 @@ fn ingest_settings(raw: &RawIngest, at: &dyn Fn(Range<usize>, String) -> ConfigE
         queue_limit: bounded(&raw.queue_limit, "queue_limit", 1..10_000_001)?
             .map_or(defaults.queue_limit, |n| n as u64),
     })
+}
+
+/// `90s`, `15m`, `1h`, `1d`: at least a second, at most a week.
+fn interval(text: &str) -> Result<Duration, String> {
+    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: u64 = number.parse().map_err(|_| format!("`{text}` is not a duration like 90s, 15m or 1h"))?;
+    let seconds = match unit {
+        "s" => number,
+        "m" => number * 60,
+        "h" => number * 3600,
+        "d" => number * 86_400,
+        _ => return Err(format!("`{text}`: the unit is one of s, m, h, d (`90s`, `15m`, `1h`)")),
+    };
+    if !(1..=7 * 86_400).contains(&seconds) {
+        return Err(format!("`{text}` is out of range 1s..=7d"));
+    }
+    Ok(Duration::from_secs(seconds))
 }
 
 fn stage_limits(raw: &RawLimits) -> Result<StageLimits, String> {
@@ -719,6 +754,24 @@ mod tests {
         assert_eq!(missing.line, 5, "the [source] table: {missing}");
         let endpoint = parse(&keys("broker", "key.pem")).unwrap_err();
         assert!(endpoint.message.contains("is not host:port"), "{endpoint}");
+    }
+
+    #[test]
+    fn a_reconcile_interval_reads_like_a_duration_and_names_its_line() {
+        let file = |reconcile: &str| {
+            format!(
+                "[pipeline]\nname = \"p\"\nsource_region = \"us-east-1\"\ntargets = [\"eu-west-1\"]\n[source]\nkind = \"scan\"\n{reconcile}\n"
+            )
+        };
+        let parse = |reconcile: &str| Pipeline::parse(Path::new("p.toml"), &file(reconcile), &|_| None);
+        assert_eq!(parse("").unwrap().reconcile_every, None);
+        assert_eq!(parse("[reconcile]\nevery = \"1h\"").unwrap().reconcile_every, Some(Duration::from_secs(3600)));
+        assert_eq!(parse("[reconcile]\nevery = \"90s\"").unwrap().reconcile_every, Some(Duration::from_secs(90)));
+        let error = parse("[reconcile]\nevery = \"1 hour\"").unwrap_err();
+        assert_eq!(error.line, 8, "{error}");
+        assert!(error.message.contains("reconcile.every"), "{error}");
+        assert!(parse("[reconcile]\nevery = \"0s\"").is_err());
+        assert!(parse("[reconcile]\nevry = \"1h\"").is_err());
     }
 
     #[test]

@@ -7,7 +7,7 @@ use iotdr::config::Pipeline as PipelineConfig;
 use iotdr::event::{Event, decode_line};
 use iotdr::pipeline::Pipeline;
 use iotdr::plugin::{Fate, PluginEngine, StageLimits, StageRunner};
-use iotdr::run::{Options, replay, run};
+use iotdr::run::{Options, Reconcile, replay, run};
 use iotdr::sink::{AwsSink, DryRun};
 use iotdr::source::{AnySource, DynamodbStream, FileSource, MqttSource, RegistryScan};
 use iotdr::state::{DeadLetter, FolderLock, StateStore, Step};
@@ -379,11 +379,21 @@ async fn run_pipeline(
     let _lock = if dry_run { None } else { Some(FolderLock::take(&config.state_dir)?) };
     let state = Arc::new(if dry_run { StateStore::in_memory()? } else { StateStore::open(&config.state_dir)? });
     let mut source = open_source(&config, &state, &limiter, from_start, until_idle, idle_after).await?;
+    // A live run reconciles with its own instances of the stages (a sync never).
+    let reconcile = match config.reconcile_every {
+        Some(every) if !dry_run && !scan && !until_idle => Some(Reconcile {
+            every,
+            pipeline: tokio::sync::Mutex::new(Pipeline::build(&config, &engine)?),
+            limiter: limiter.clone(),
+        }),
+        _ => None,
+    };
     let options = Options {
         until_idle,
         poll_interval: Duration::from_millis(200),
         recheck_after: if dry_run { None } else { config.ingest.recheck_after },
         queue_limit: config.ingest.queue_limit,
+        reconcile,
     };
     if dry_run {
         let stdout = std::io::stdout();

@@ -111,6 +111,10 @@ pub mod related {
     /// A certificate to detach from the thing (`verify --repair`: attached
     /// in the target, not in the source).
     pub const DETACHED_PRINCIPAL: &str = "detached-principal";
+    /// Marks a change that repairs drift (`verify --repair`, a reconcile):
+    /// the source's state read now, to be written again even where the
+    /// ledger holds its version (the target was changed behind iotdr's back).
+    pub const REPAIR: &str = "repair";
 }
 
 /// One change in the source region, carrying the full state needed to apply it.

@@ -1,4 +1,4 @@
-//! The loop of `iotdr run`. Three parts run concurrently on the one runtime:
+//! The loop of `iotdr run`. Four parts run concurrently on the one runtime:
 //!
 //! - **ingest** reads a batch from the source, decodes it, completes it from
 //!   the source region, and stores it in the state store's queue with the
@@ -10,11 +10,15 @@
 //!   live stream back.
 //! - **apply** drains the queue in order: stages, plan, sink; what it
 //!   finished leaves the queue together with its dead letters.
+//! - **reconcile** (`[reconcile] every`, following runs only) compares the
+//!   targets with the source now and then and queues the drift
+//!   (`reconcile.rs`).
 //!
 //! The queue is the back-pressure: ingest waits while it holds
 //! `queue_limit` events, so memory stays flat however long the backlog, and
 //! a backlog read before a source outage is still applied during it.
 
+use super::reconcile::Reconcile;
 use super::{RunError, Summary, apply_events};
 use crate::aws::{ReadPlan, SourceFetcher};
 use crate::config;
@@ -42,6 +46,9 @@ pub struct Options {
     pub recheck_after: Option<Duration>,
     /// Ingest waits while the queue holds this many events.
     pub queue_limit: u64,
+    /// Compare the targets with the source now and then and queue the drift
+    /// (a run that follows its source only).
+    pub reconcile: Option<Reconcile>,
 }
 
 /// Second reads made at once.
@@ -75,8 +82,19 @@ pub async fn run<S: Source, K: Sink>(
     let signals = Signals::default();
     let ingest = Ingest { config, store, fetcher, options, signals: &signals, report };
     let apply = Apply { config, store, signals: &signals, report };
-    let (mut ingested, reread, applied) =
-        futures_util::future::try_join3(ingest.run(source), ingest.second_reads(), apply.run(pipeline, sink)).await?;
+    let reconcile = async {
+        match (&options.reconcile, options.until_idle) {
+            (Some(reconcile), false) => reconcile.run(config, store, &signals.queued, options.poll_interval).await,
+            _ => Ok(()),
+        }
+    };
+    let (mut ingested, reread, applied, ()) = futures_util::future::try_join4(
+        ingest.run(source),
+        ingest.second_reads(),
+        apply.run(pipeline, sink),
+        reconcile,
+    )
+    .await?;
     ingested.add(reread);
     ingested.add(applied);
     Ok(ingested)

@@ -4,9 +4,11 @@
 //! [`apply_events`]: stages, plan, sink.
 
 mod driver;
+mod reconcile;
 mod replay;
 
 pub use driver::{Options, run};
+pub use reconcile::Reconcile;
 pub use replay::{ReplayReport, replay};
 
 use crate::config;

@@ -34,6 +34,10 @@ pub enum Order {
     /// A shadow's version: the shadow service numbers every change of a
     /// shadow, so an equal version is the same change and stale.
     ShadowVersion(u64),
+    /// A repair's shadow state, read from the source at this version: stale
+    /// only when a newer version was applied; at an equal one the target may
+    /// have drifted since, and it is written again.
+    ShadowRepair(u64),
 }
 
 impl Position {
@@ -47,7 +51,10 @@ impl Position {
             let shadow = event.related(related::SHADOW_NAME).unwrap_or("");
             return Some(Position {
                 key: shadow_key(name, shadow),
-                order: Order::ShadowVersion(event.version?),
+                order: match event.related(related::REPAIR) {
+                    Some(_) => Order::ShadowRepair(event.version?),
+                    None => Order::ShadowVersion(event.version?),
+                },
                 lifecycle: false,
                 // Shadow times come from another clock, in whole seconds: they
                 // are not compared with registry times.
@@ -103,7 +110,7 @@ pub struct Entry {
 pub fn encode(order: Order) -> (i64, i64) {
     match order {
         Order::Time { at_ms, version } => (at_ms as i64, version as i64),
-        Order::ShadowVersion(version) => (0, version as i64),
+        Order::ShadowVersion(version) | Order::ShadowRepair(version) => (0, version as i64),
     }
 }
 
@@ -113,6 +120,9 @@ pub fn stale(position: &Position, own: Entry, within: &[Entry]) -> Option<&'stat
     match position.order {
         Order::ShadowVersion(_) if own.applied.is_some_and(|applied| order <= applied) => {
             return Some("a shadow version as new or newer was applied");
+        }
+        Order::ShadowRepair(_) if own.applied.is_some_and(|applied| order < applied) => {
+            return Some("a newer shadow version was applied");
         }
         Order::Time { .. } if own.applied.is_some_and(|applied| order < applied) => {
             return Some("a newer change of the same entity was applied");
@@ -181,6 +191,11 @@ mod tests {
         let at = |version: i64| Entry { applied: Some((0, version)), lifecycle: None };
         assert!(stale(&position, at(4), &[]).is_some(), "the same version is already there");
         assert!(stale(&position, at(3), &[]).is_none());
+        // A repair writes the state of version 4 again, never over version 5.
+        shadow.related.push((related::REPAIR.into(), "drift".into()));
+        let repair = Position::of(&shadow).unwrap();
+        assert!(stale(&repair, at(4), &[]).is_none(), "the target may have drifted since");
+        assert!(stale(&repair, at(5), &[]).is_some());
         assert_eq!(Position::of(&event(Entity::Thing, Operation::Created, "t", 0)), None);
         let mut unversioned = event(Entity::Shadow, Operation::Updated, "t", 5000);
         unversioned.version = None;

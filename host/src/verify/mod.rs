@@ -11,7 +11,7 @@ mod repair;
 
 pub use diff::{Difference, KindReport, RegionReport, compare, render};
 pub use image::{Image, KINDS};
-pub use repair::{Repaired, repair};
+pub use repair::{Repaired, repair, to_queue};
 
 use crate::aws::{Limiter, RegionClients};
 use crate::config;
@@ -20,7 +20,7 @@ use crate::event::{Event, decode_line};
 use crate::pipeline::{Halted, Pipeline};
 use crate::source::{RegistryScan, Source, SourceError};
 use crate::state::{StateError, StateStore};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 #[derive(Debug, thiserror::Error)]
@@ -41,6 +41,9 @@ pub enum VerifyError {
 pub struct Expected {
     pub regions: BTreeMap<String, Image>,
     pub events: BTreeMap<String, BTreeMap<(&'static str, String), Vec<Event>>>,
+    /// The scan's events as they entered the stages, by id (stages keep
+    /// ids), with their place in the scan: what a reconcile queues.
+    pub origins: HashMap<String, (usize, Event)>,
     /// Events a stage failed on (dead letters in a run): missing in every target.
     pub failed: usize,
 }
@@ -116,6 +119,8 @@ async fn expected(
             // The scan writes its own events: one that does not decode is a bug.
             let mut event = decode_line(&record.text, &config.source_region).expect("a scan event decodes");
             context.enrich(&mut event)?;
+            let place = expected.origins.len();
+            expected.origins.insert(event.id.clone(), (place, event.clone()));
             events.push(event);
         }
         let processed = pipeline.process(events)?;

@@ -65,6 +65,60 @@ pub async fn repair<S: Sink>(
     Ok(repaired)
 }
 
+/// The drift of `verification` as source events for a run's queue (a
+/// reconcile): the scan's events of what is missing or different, as they
+/// entered the stages, which the run passes through them again; removals of
+/// memberships and certificates only a target has. Extras are not deleted:
+/// a live run only ever writes what the source says.
+pub fn to_queue(verification: &Verification) -> Vec<Event> {
+    let now = now_ms();
+    let none = BTreeMap::new();
+    let mut chosen: BTreeMap<usize, Event> = BTreeMap::new();
+    let mut removals_first = Vec::new();
+    for (report, actual) in verification.reports.iter().zip(&verification.actual) {
+        let expected = verification.expected.events.get(&report.region).unwrap_or(&none);
+        for (kind, names) in drifted(report) {
+            for name in names {
+                let Some(replicated) = expected.get(&(kind, name.clone())) else { continue };
+                let mut origins: Vec<Event> = replicated
+                    .iter()
+                    .filter_map(|e| verification.expected.origins.get(&e.id))
+                    .map(|(place, event)| chosen.get(place).cloned().unwrap_or_else(|| event.clone()))
+                    .collect();
+                for event in &mut origins {
+                    event.targets.clear();
+                }
+                let have = actual.get(kind, name);
+                match (kind, have) {
+                    ("things", Some(have)) => {
+                        let mut removed = removals(name, &mut origins, have, &report.region, now);
+                        for event in &mut removed {
+                            event.targets.clear();
+                        }
+                        removals_first.extend(removed);
+                    }
+                    ("shadows", Some(have)) => {
+                        for event in &mut origins {
+                            event.document = event.document.take().map(|d| removing_extras(&d, &have["state"]));
+                        }
+                    }
+                    _ => {}
+                }
+                for mut event in origins {
+                    if event.entity == Entity::Shadow && event.related(related::REPAIR).is_none() {
+                        event.related.push((related::REPAIR.into(), "drift".into()));
+                    }
+                    if let Some((place, _)) = verification.expected.origins.get(&event.id) {
+                        chosen.insert(*place, event);
+                    }
+                }
+            }
+        }
+    }
+    removals_first.extend(chosen.into_values());
+    removals_first
+}
+
 /// Per kind, the names of entities missing in or different from the target.
 fn drifted(report: &RegionReport) -> impl Iterator<Item = (&'static str, Vec<&String>)> {
     report
@@ -89,9 +143,9 @@ fn events_for(
             for event in &mut events {
                 if event.entity == Entity::Shadow {
                     // Its version may be in the ledger already (the target's
-                    // shadow was changed by hand since): without one, it is
-                    // written whatever the ledger says.
-                    event.version = None;
+                    // shadow was changed behind iotdr's back): written again
+                    // unless a newer one was applied.
+                    event.related.push((related::REPAIR.into(), "drift".into()));
                     // A shadow update merges: what only the target has is removed with nulls.
                     if let Some(have) = actual.get(kind, name) {
                         event.document = event.document.take().map(|d| removing_extras(&d, &have["state"]));

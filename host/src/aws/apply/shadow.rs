@@ -63,7 +63,7 @@ impl Applier {
         let key = shadow_key(thing, shadow.unwrap_or(""));
         let payload = call.input.get("payload").ok_or_else(|| invalid(call.operation, "input lacks `payload`"))?;
         let change = match Position::of(event).map(|p| p.order) {
-            Some(Order::ShadowVersion(version)) => Some(version),
+            Some(Order::ShadowVersion(version) | Order::ShadowRepair(version)) => Some(version),
             _ => None,
         };
         let known = self.state.known(region, SHADOW_VERSION, &key)?.and_then(|v| v.parse().ok());
