@@ -567,7 +567,7 @@ fn ingest_settings(raw: &RawIngest, at: &dyn Fn(Range<usize>, String) -> ConfigE
 }
 
 /// `90s`, `15m`, `1h`, `1d`: at least a second, at most a week.
-fn interval(text: &str) -> Result<Duration, String> {
+pub fn interval(text: &str) -> Result<Duration, String> {
     let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
     let (number, unit) = text.split_at(split);
     let number: u64 = number.parse().map_err(|_| format!("`{text}` is not a duration like 90s, 15m or 1h"))?;

@@ -88,6 +88,24 @@ enum Command {
         #[arg(long)]
         repair: bool,
     },
+    /// Sets up the source region for live replication, idempotently: turns
+    /// registry events on, creates the event table (with a NEW_IMAGE stream
+    /// and a time to live) and the topic rules that fill it.
+    Setup {
+        pipeline: PathBuf,
+        /// The IAM role the topic rules write to the table with.
+        #[arg(long)]
+        role_arn: String,
+        /// The event table (default: the pipeline's `dynamodb-stream` table, else iotdr-events).
+        #[arg(long)]
+        table: Option<String>,
+        /// How long items stay in the table (`48h`, `7d`).
+        #[arg(long, default_value = "48h", value_parser = iotdr::config::interval)]
+        ttl: Duration,
+        /// Read, and print what it would change, without changing it.
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// Lists, replays or purges the dead letters of a pipeline (kept in its state folder).
     DeadLetters {
         #[command(subcommand)]
@@ -280,6 +298,30 @@ async fn execute(cli: Cli) -> Result<ExitCode> {
             run_pipeline(&pipeline, config, run, cli.cache_dir).await
         }
         Command::Verify { pipeline, json, repair } => verify(&pipeline, json, repair, cli.cache_dir).await,
+        Command::Setup { pipeline, role_arn, table, ttl, dry_run } => {
+            let config = PipelineConfig::load(&pipeline)?;
+            let from_source = match &config.source {
+                iotdr::config::Source::DynamodbStream { table, .. } => Some(table.clone()),
+                _ => None,
+            };
+            let table = match (table, from_source) {
+                (Some(given), Some(source)) if given != source => anyhow::bail!(
+                    "--table {given}: {} reads the stream of table {source}; set up that one (leave --table out)",
+                    pipeline.display()
+                ),
+                (given, source) => given.or(source).unwrap_or_else(|| iotdr::setup::DEFAULT_TABLE.to_string()),
+            };
+            let settings = iotdr::setup::Settings { table, role_arn, ttl, dry_run };
+            let steps = iotdr::setup::setup(&config, &settings)
+                .await
+                .map_err(|e| anyhow::anyhow!("connecting to the source region {}: {e}", config.source_region))?;
+            println!("{}{}", config.source_region, if dry_run { " (dry run: nothing changed)" } else { "" });
+            for step in &steps {
+                println!("  {step}");
+            }
+            let failed = steps.iter().filter(|s| matches!(s.outcome, iotdr::setup::Outcome::Failed(_))).count();
+            Ok(if failed == 0 { ExitCode::SUCCESS } else { ExitCode::from(1) })
+        }
         Command::DeadLetters { command } => dead_letters(command, cli.cache_dir).await,
         Command::Plugin { command: PluginCommand::Test { plugin, events, config, source_region, targets } } => {
             serde_json::from_str::<serde_json::Value>(&config).context("--config is not JSON")?;
