@@ -125,3 +125,29 @@ async fn a_sync_is_refused_while_a_run_holds_the_state_folder() {
     let summary = sync(&moto, &test, &[]);
     assert_eq!(summary["run"]["dead_letters"], 0, "{summary}");
 }
+
+/// `--mode smart` compares before it writes: nothing on a synced fleet,
+/// only the drift on a drifted one (content, not existence: a changed
+/// attribute of a thing that exists is written).
+#[tokio::test]
+async fn a_smart_sync_writes_only_what_differs() {
+    let moto = Moto::start();
+    seed(&moto, SOURCE, 30).await;
+    let test = Run::new(SOURCE, &moto.url, TARGET, &moto.url, &[], "");
+    sync(&moto, &test, &[]);
+
+    let again = sync(&moto, &test, &["--mode", "smart"]);
+    assert_eq!((&again["drifted"], &again["run"]["changes"]), (&0.into(), &0.into()), "{again}");
+    assert!(again["compared"].as_u64().unwrap() > 30, "{again}");
+
+    let iot = moto.iot(TARGET).await;
+    let attributes = aws_sdk_iot::types::AttributePayload::builder().attributes("site", "nowhere").merge(true).build();
+    iot.update_thing().thing_name("dev-0004").attribute_payload(attributes).send().await.unwrap();
+    let repaired = sync(&moto, &test, &["--mode", "smart"]);
+    assert_eq!(repaired["drifted"], 1, "{repaired}");
+    assert_eq!(repaired["run"]["dead_letters"], 0, "{repaired}");
+    assert_same(
+        &without_shadow_versions(region_state(&moto, SOURCE).await),
+        &without_shadow_versions(region_state(&moto, TARGET).await),
+    );
+}

@@ -72,6 +72,11 @@ enum Command {
         /// Start the listing again from its beginning instead of resuming.
         #[arg(long)]
         from_start: bool,
+        /// `full` writes everything it lists; `smart` first compares each
+        /// target with the source (as `verify` does) and writes only what is
+        /// missing or different.
+        #[arg(long, value_enum, default_value_t = SyncMode::Full)]
+        mode: SyncMode,
     },
     /// Compares each target region with the source region passed through the
     /// pipeline's stages, entity by entity: things (attributes, type, groups,
@@ -116,6 +121,12 @@ enum Command {
         #[command(subcommand)]
         command: PluginCommand,
     },
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum SyncMode {
+    Full,
+    Smart,
 }
 
 #[derive(Subcommand)]
@@ -279,7 +290,10 @@ async fn execute(cli: Cli) -> Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
-        Command::Sync { pipeline, dry_run, from_start } => {
+        Command::Sync { pipeline, dry_run, from_start: _, mode: SyncMode::Smart } => {
+            smart_sync(&pipeline, dry_run, cli.cache_dir).await
+        }
+        Command::Sync { pipeline, dry_run, from_start, mode: SyncMode::Full } => {
             let mut config = PipelineConfig::load(&pipeline)?;
             config.source = iotdr::config::Source::Scan;
             let run = RunFlags { dry_run, until_idle: true, fetch: false, from_start, idle_after: Duration::ZERO };
@@ -463,6 +477,50 @@ async fn run_pipeline(
             "calls_per_change": if changes == 0 { 0.0 } else { stats.calls as f64 / changes as f64 },
         })
     );
+    if summary.dead_letters > 0 {
+        eprintln!(
+            "{} dead letter(s) kept in {}: see `iotdr dead-letters list {}`",
+            summary.dead_letters,
+            state.path().display(),
+            pipeline.display()
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `iotdr sync --mode smart`: verify, then write only the drift (no deletions).
+async fn smart_sync(pipeline: &std::path::Path, dry_run: bool, cache_dir: Option<PathBuf>) -> Result<ExitCode> {
+    let config = PipelineConfig::load(pipeline)?;
+    let engine = engine(cache_dir)?;
+    let mut built = Pipeline::build(&config, &engine)?;
+    let limiter = Arc::new(Limiter::from_config(&config.apply));
+    let _lock = if dry_run { None } else { Some(FolderLock::take(&config.state_dir)?) };
+    let state = Arc::new(if dry_run { StateStore::in_memory()? } else { StateStore::open(&config.state_dir)? });
+    let verification = iotdr::verify::verify(&config, &mut built, limiter.clone())
+        .await
+        .with_context(|| format!("comparing the targets of {} with the source", pipeline.display()))?;
+    let compared: usize = verification.reports.iter().flat_map(|r| r.kinds.values()).map(|k| k.equal + k.drift()).sum();
+    let summary = if dry_run {
+        let stdout = std::io::stdout();
+        let mut sink = DryRun::new(stdout.lock());
+        iotdr::verify::sync_drift(&config, &mut built, &mut sink, &state, &verification).await?
+    } else {
+        let mut sink = AwsSink::connect(&config, state.clone(), limiter.clone()).await?;
+        let summary = iotdr::verify::sync_drift(&config, &mut built, &mut sink, &state, &verification).await?;
+        let stats = sink.stats();
+        eprintln!(
+            "summary: {}",
+            serde_json::json!({ "mode": "smart", "compared": compared, "drifted": verification.drift(),
+                                "run": summary, "requests": stats })
+        );
+        summary
+    };
+    if dry_run {
+        eprintln!(
+            "summary: {}",
+            serde_json::json!({ "mode": "smart", "compared": compared, "drifted": verification.drift(), "run": summary })
+        );
+    }
     if summary.dead_letters > 0 {
         eprintln!(
             "{} dead letter(s) kept in {}: see `iotdr dead-letters list {}`",

@@ -11,7 +11,7 @@ mod repair;
 
 pub use diff::{Difference, KindReport, RegionReport, compare, render};
 pub use image::{Image, KINDS};
-pub use repair::{Repaired, repair, to_queue};
+pub use repair::{Repaired, repair, sync_drift, to_queue};
 
 use crate::aws::{Limiter, RegionClients};
 use crate::config;

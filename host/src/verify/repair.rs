@@ -65,6 +65,31 @@ pub async fn repair<S: Sink>(
     Ok(repaired)
 }
 
+/// `iotdr sync --mode smart`: the source's events of what `verification`
+/// found missing or different (see [`to_queue`]), through the stages to the
+/// targets in batches, in the scan's order; what is equal is not written.
+pub async fn sync_drift<S: Sink>(
+    config: &config::Pipeline,
+    pipeline: &mut Pipeline,
+    sink: &mut S,
+    state: &StateStore,
+    verification: &Verification,
+) -> Result<Summary, RunError> {
+    let mut summary = Summary::default();
+    let events = to_queue(verification);
+    summary.records = events.len() as u64;
+    let mut events = events.into_iter().peekable();
+    while events.peek().is_some() {
+        let batch: Vec<Event> = events.by_ref().take(config.batch_size).collect();
+        let dead = apply_events(config, pipeline, sink, 0, batch, &mut summary).await?;
+        for letter in &dead {
+            state.add_dead_letter(letter)?;
+        }
+        summary.dead_letters += dead.len() as u64;
+    }
+    Ok(summary)
+}
+
 /// The drift of `verification` as source events for a run's queue (a
 /// reconcile): the scan's events of what is missing or different, as they
 /// entered the stages, which the run passes through them again; removals of
