@@ -79,7 +79,10 @@ impl AwsError {
                 let status = response.raw().status().as_u16();
                 let mut e = transient("ResponseError", format!("unreadable response with status {status}"));
                 e.status = Some(status);
-                if status < 500 && status != 429 {
+                // A success whose body could not be read was cut short (a
+                // connection lost mid-answer, a server stopped): retry. An
+                // unreadable 4xx other than 429 is the request's fault.
+                if (400..500).contains(&status) && status != 429 {
                     e.kind = ErrorKind::Permanent;
                 }
                 e
@@ -141,6 +144,21 @@ impl std::error::Error for AwsError {}
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_answer_cut_short_is_retried_and_an_unreadable_client_error_is_not() {
+        use aws_sdk_iot::operation::attach_policy::AttachPolicyError;
+        use aws_smithy_runtime_api::http::StatusCode;
+        use aws_smithy_types::body::SdkBody;
+        let unreadable = |status: u16| {
+            let response = HttpResponse::new(StatusCode::try_from(status).unwrap(), SdkBody::empty());
+            AwsError::from_sdk(SdkError::<AttachPolicyError, HttpResponse>::response_error("cut short", response))
+        };
+        assert_eq!(unreadable(200).kind, ErrorKind::Transient);
+        assert_eq!(unreadable(503).kind, ErrorKind::Transient);
+        assert_eq!(unreadable(429).kind, ErrorKind::Transient);
+        assert_eq!(unreadable(400).kind, ErrorKind::Permanent);
+    }
 
     #[test]
     fn codes_and_statuses_decide_the_kind() {
