@@ -61,3 +61,7 @@ table = session.client("dynamodb", region_name="eu-west-1", endpoint_url=endpoin
 items = table.scan(TableName="iotdr-global-registry")["Items"]
 print(f"\nglobal registry (DynamoDB, eu-west-1): {len(items)} things")
 PY
+
+say "iotdr verify pipelines/replicate.toml (each target against the source through the stages)"
+IOTDR_ENDPOINT="$MOTO" IOTDR_EVENTS="$WORK/events.jsonl" IOTDR_STATE="$WORK/state" \
+    "$IOTDR" verify pipelines/replicate.toml

@@ -94,7 +94,8 @@ pub fn render(reports: &[RegionReport]) -> String {
     for report in reports {
         let _ =
             writeln!(out, "{:<16} {:>7} {:>8} {:>10} {:>6}", report.region, "equal", "missing", "different", "extra");
-        for (kind, counts) in &report.kinds {
+        let kinds = || KINDS.iter().filter_map(|kind| report.kinds.get(kind).map(|counts| (kind, counts)));
+        for (kind, counts) in kinds() {
             let _ = writeln!(
                 out,
                 "{:<16} {:>7} {:>8} {:>10} {:>6}",
@@ -105,7 +106,7 @@ pub fn render(reports: &[RegionReport]) -> String {
                 counts.extra.len()
             );
         }
-        for (kind, counts) in &report.kinds {
+        for (kind, counts) in kinds() {
             let lines = counts
                 .missing
                 .iter()

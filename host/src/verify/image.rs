@@ -119,7 +119,12 @@ impl Image {
             }
             Entity::Shadow => {
                 let key = shadow_entry(&name, event.related(related::SHADOW_NAME));
-                self.put("shadows", key, json!({ "state": document().get("state") }));
+                // An emptied part is no part (AWS drops it; moto keeps `{}`).
+                let mut state = document().get("state").cloned().unwrap_or(Value::Null);
+                if let Some(parts) = state.as_object_mut() {
+                    parts.retain(|_, part| part.as_object().is_none_or(|fields| !fields.is_empty()));
+                }
+                self.put("shadows", key, json!({ "state": state }));
             }
             // The scan lists none of these: they are parts of the entities above.
             Entity::ThingTypeAssociation | Entity::ThingGroupHierarchy => {}

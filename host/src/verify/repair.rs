@@ -252,10 +252,13 @@ fn removing_extras(document: &str, have: &Value) -> String {
     // The only parts an update may name.
     for part in ["desired", "reported"] {
         let Some(had) = have.get(part).filter(|v| v.is_object()) else { continue };
-        match document["state"].get_mut(part) {
-            Some(want) if want.is_object() => nulls(want, had),
-            _ => document["state"][part] = Value::Null,
+        // Key by key, also for a part the source lacks: AWS removes a part
+        // set to null, moto ignores it; both remove a key set to null.
+        let want = document["state"].as_object_mut().expect("an object").entry(part).or_insert(Value::Null);
+        if !want.is_object() {
+            *want = Value::Object(Default::default());
         }
+        nulls(want, had);
     }
     document.to_string()
 }
@@ -325,6 +328,9 @@ mod tests {
         // A part the source's shadow lacks goes whole.
         let document = json!({ "state": { "reported": { "on": true } } }).to_string();
         let repaired: Value = serde_json::from_str(&removing_extras(&document, &have)).unwrap();
-        assert_eq!(repaired, json!({ "state": { "desired": null, "reported": { "on": true } } }));
+        assert_eq!(
+            repaired,
+            json!({ "state": { "desired": { "mode": null, "extra": null }, "reported": { "on": true } } })
+        );
     }
 }
