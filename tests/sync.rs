@@ -151,3 +151,28 @@ async fn a_smart_sync_writes_only_what_differs() {
         &without_shadow_versions(region_state(&moto, TARGET).await),
     );
 }
+
+/// A target that does not answer is named before anything is written,
+/// not retried for hours at the first write: the reachable target of the
+/// same pipeline stays empty.
+#[tokio::test]
+async fn a_sync_with_an_unreachable_target_names_it_before_any_write() {
+    let moto = Moto::start();
+    seed(&moto, SOURCE, 5).await;
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let test = Run::new(SOURCE, &moto.url, TARGET, &moto.url, &[], "");
+    let text = std::fs::read_to_string(&test.pipeline).unwrap().replace(
+        r#"targets = ["eu-west-1"]"#,
+        &format!(
+            "targets = [\"eu-west-1\", \"eu-central-1\"]\n\n[regions.eu-central-1]\nendpoint_url = \"http://127.0.0.1:{closed}\""
+        ),
+    );
+    std::fs::write(&test.pipeline, text).unwrap();
+    let out = iotdr(&moto, test.dir.path(), &["sync", test.pipeline.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("target region eu-central-1 does not answer a read"), "{stderr}");
+    assert!(stderr.contains("nothing was written"), "{stderr}");
+    let written = moto.iot(TARGET).await.list_things().send().await.unwrap().things.unwrap_or_default();
+    assert!(written.is_empty(), "{written:?}");
+}

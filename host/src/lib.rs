@@ -13,6 +13,7 @@ pub mod order;
 pub mod pipeline;
 pub mod plan;
 pub mod plugin;
+pub mod preflight;
 pub mod run;
 pub mod setup;
 pub mod sink;

@@ -295,6 +295,9 @@ async fn execute(cli: Cli) -> Result<ExitCode> {
         }
         Command::Sync { pipeline, dry_run, from_start, mode: SyncMode::Full } => {
             let mut config = PipelineConfig::load(&pipeline)?;
+            if !dry_run {
+                iotdr::preflight::check(&config).await?;
+            }
             config.source = iotdr::config::Source::Scan;
             let run = RunFlags { dry_run, until_idle: true, fetch: false, from_start, idle_after: Duration::ZERO };
             run_pipeline(&pipeline, config, run, cli.cache_dir).await
@@ -496,6 +499,7 @@ async fn smart_sync(pipeline: &std::path::Path, dry_run: bool, cache_dir: Option
     let limiter = Arc::new(Limiter::from_config(&config.apply));
     let _lock = if dry_run { None } else { Some(FolderLock::take(&config.state_dir)?) };
     let state = Arc::new(if dry_run { StateStore::in_memory()? } else { StateStore::open(&config.state_dir)? });
+    iotdr::preflight::check(&config).await?;
     let verification = iotdr::verify::verify(&config, &mut built, limiter.clone())
         .await
         .with_context(|| format!("comparing the targets of {} with the source", pipeline.display()))?;
@@ -539,6 +543,8 @@ async fn verify(pipeline: &std::path::Path, json: bool, repair: bool, cache_dir:
     let mut built = Pipeline::build(&config, &engine)?;
     let limiter = Arc::new(Limiter::from_config(&config.apply));
     let context = || format!("verifying {}", pipeline.display());
+    // A region that does not answer would otherwise be retried for hours.
+    iotdr::preflight::check(&config).await?;
     let mut verification = iotdr::verify::verify(&config, &mut built, limiter.clone()).await.with_context(context)?;
     let mut repaired = None;
     if repair && verification.drift() > 0 {

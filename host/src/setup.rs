@@ -109,27 +109,12 @@ pub async fn setup(config: &config::Pipeline, settings: &Settings) -> Result<Vec
     Ok(steps)
 }
 
-/// An admin call retried a few times on throttling and 5xx: setup runs once,
-/// by hand, and should say what is wrong rather than wait for hours.
-async fn call<T, F, Fut>(mut request: F) -> Result<T, AwsError>
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Result<T, AwsError>>,
-{
-    let mut attempt = 0;
-    loop {
-        attempt += 1;
-        match request().await {
-            Err(e) if e.retryable() && attempt < 4 => tokio::time::sleep(Duration::from_millis(200 * attempt)).await,
-            other => return other,
-        }
-    }
-}
-
+/// An admin call retried briefly: setup runs once, by hand, and should say
+/// what is wrong rather than wait for hours.
 macro_rules! send {
     ($request:expr) => {{
         let request = $request;
-        call(|| {
+        crate::aws::retry_briefly(|| {
             let request = request.clone();
             async move { request.send().await.map_err(AwsError::from_sdk) }
         })

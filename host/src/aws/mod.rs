@@ -18,6 +18,26 @@ macro_rules! limited {
 }
 pub(crate) use limited;
 
+/// A call retried a few times on throttling and 5xx, then given up: for
+/// one-off commands (setup, the checks before a sync writes) that should
+/// say what is wrong rather than wait out the run's retry deadline.
+pub async fn retry_briefly<T, F, Fut>(mut request: F) -> Result<T, AwsError>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, AwsError>>,
+{
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        match request().await {
+            Err(e) if e.retryable() && attempt < 4 => {
+                tokio::time::sleep(std::time::Duration::from_millis(200 * attempt)).await
+            }
+            other => return other,
+        }
+    }
+}
+
 mod apply;
 mod clients;
 mod errors;
