@@ -14,6 +14,7 @@ pub mod pipeline;
 pub mod plan;
 pub mod plugin;
 pub mod preflight;
+pub mod progress;
 pub mod run;
 pub mod setup;
 pub mod sink;

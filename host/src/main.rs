@@ -7,6 +7,7 @@ use iotdr::config::Pipeline as PipelineConfig;
 use iotdr::event::{Event, decode_line};
 use iotdr::pipeline::Pipeline;
 use iotdr::plugin::{Fate, PluginEngine, StageLimits, StageRunner};
+use iotdr::progress::Progress;
 use iotdr::run::{Options, Reconcile, replay, run};
 use iotdr::sink::{AwsSink, DryRun};
 use iotdr::source::{AnySource, DynamodbStream, FileSource, MqttSource, RegistryScan};
@@ -248,7 +249,8 @@ async fn open_source(
             let clients = RegionClients::connect(&config.source_region, &settings, true)
                 .await
                 .map_err(|e| anyhow::anyhow!("connecting to the source region {}: {e}", config.source_region))?;
-            let scan = RegistryScan::new(clients, limiter.clone(), state.checkpoint(&key)?.as_deref());
+            let scan = RegistryScan::new(clients, limiter.clone(), state.checkpoint(&key)?.as_deref())
+                .with_progress(Progress::for_stderr().listing(&format!("sync {}", config.source_region)));
             Ok(AnySource::Scan(Box::new(scan)))
         }
     }
@@ -500,7 +502,7 @@ async fn smart_sync(pipeline: &std::path::Path, dry_run: bool, cache_dir: Option
     let _lock = if dry_run { None } else { Some(FolderLock::take(&config.state_dir)?) };
     let state = Arc::new(if dry_run { StateStore::in_memory()? } else { StateStore::open(&config.state_dir)? });
     iotdr::preflight::check(&config).await?;
-    let verification = iotdr::verify::verify(&config, &mut built, limiter.clone())
+    let verification = iotdr::verify::verify(&config, &mut built, limiter.clone(), Some(&Progress::for_stderr()))
         .await
         .with_context(|| format!("comparing the targets of {} with the source", pipeline.display()))?;
     let compared: usize = verification.reports.iter().flat_map(|r| r.kinds.values()).map(|k| k.equal + k.drift()).sum();
@@ -545,7 +547,9 @@ async fn verify(pipeline: &std::path::Path, json: bool, repair: bool, cache_dir:
     let context = || format!("verifying {}", pipeline.display());
     // A region that does not answer would otherwise be retried for hours.
     iotdr::preflight::check(&config).await?;
-    let mut verification = iotdr::verify::verify(&config, &mut built, limiter.clone()).await.with_context(context)?;
+    let mut verification = iotdr::verify::verify(&config, &mut built, limiter.clone(), Some(&Progress::for_stderr()))
+        .await
+        .with_context(context)?;
     let mut repaired = None;
     if repair && verification.drift() > 0 {
         if !json {
@@ -569,7 +573,9 @@ async fn verify(pipeline: &std::path::Path, json: bool, repair: bool, cache_dir:
         }
         let before = std::mem::replace(
             &mut verification,
-            iotdr::verify::verify(&config, &mut built, limiter).await.with_context(context)?,
+            iotdr::verify::verify(&config, &mut built, limiter, Some(&Progress::for_stderr()))
+                .await
+                .with_context(context)?,
         );
         repaired = Some((before.reports, done));
     }

@@ -42,7 +42,7 @@ impl Reconcile {
                 tokio::time::sleep(poll).await;
             }
             let mut pipeline = self.pipeline.lock().await;
-            let verification = match verify(config, &mut pipeline, self.limiter.clone()).await {
+            let verification = match verify(config, &mut pipeline, self.limiter.clone(), None).await {
                 Ok(verification) => verification,
                 // The source region may be down: that is what iotdr is for. Next period.
                 Err(e) => {

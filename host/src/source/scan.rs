@@ -16,6 +16,7 @@
 use super::{Batch, Record, Source, SourceError};
 use crate::aws::{AwsError, ErrorKind, Limiter, RegionClients, limited};
 use crate::event::{Entity, Event, Operation, related};
+use crate::progress::Listing;
 use futures_util::StreamExt;
 use serde_json::{Map, Value, json};
 use std::collections::{BTreeMap, HashMap};
@@ -71,6 +72,7 @@ pub struct RegistryScan {
     phase: Phase,
     token: Option<String>,
     idle: bool,
+    progress: Option<Arc<Listing>>,
 }
 
 impl RegistryScan {
@@ -86,7 +88,13 @@ impl RegistryScan {
             })
             .filter(|(phase, _)| *phase != Phase::Done)
             .unwrap_or((Phase::Types, None));
-        RegistryScan { clients, limiter, phase, token, idle: false }
+        RegistryScan { clients, limiter, phase, token, idle: false, progress: None }
+    }
+
+    /// Counts what it lists on `progress`.
+    pub fn with_progress(mut self, progress: Arc<Listing>) -> RegistryScan {
+        self.progress = Some(progress);
+        self
     }
 
     /// The key its checkpoint is stored under.
@@ -421,10 +429,18 @@ impl Source for RegistryScan {
             Phase::Certificates => self.certificates(now).await?,
             Phase::Things => self.things(now).await?,
             Phase::Done => {
+                if !self.idle
+                    && let Some(progress) = &self.progress
+                {
+                    progress.finish();
+                }
                 self.idle = true;
                 return Ok(Batch::default());
             }
         };
+        if let Some(progress) = &self.progress {
+            progress.add(self.phase.name(), events.len() as u64);
+        }
         match token {
             Some(token) => self.token = Some(token),
             None => {

@@ -18,6 +18,7 @@ use crate::config;
 use crate::context::ThingContext;
 use crate::event::{Event, decode_line};
 use crate::pipeline::{Halted, Pipeline};
+use crate::progress::Progress;
 use crate::source::{RegistryScan, Source, SourceError};
 use crate::state::{StateError, StateStore};
 use std::collections::{BTreeMap, HashMap};
@@ -65,20 +66,28 @@ impl Verification {
 }
 
 /// Verifies every target of `config`.
+/// Each region's listing is counted on `progress`, when given.
 pub async fn verify(
     config: &config::Pipeline,
     pipeline: &mut Pipeline,
     limiter: Arc<Limiter>,
+    progress: Option<&Progress>,
 ) -> Result<Verification, VerifyError> {
-    let source = connect(config, &config.source_region).await?;
+    let scan = |clients: RegionClients, role: &str| {
+        let label = format!("{role} {}", clients.region);
+        let scan = RegistryScan::new(clients, limiter.clone(), None);
+        match progress {
+            Some(progress) => scan.with_progress(progress.listing(&label)),
+            None => scan,
+        }
+    };
+    let source = scan(connect(config, &config.source_region).await?, "source");
     let mut targets = Vec::new();
     for region in &config.targets {
-        targets.push(connect(config, region).await?);
+        targets.push(scan(connect(config, region).await?, "target"));
     }
-    let expected = expected(config, pipeline, RegistryScan::new(source, limiter.clone(), None));
-    let actual = futures_util::future::try_join_all(
-        targets.into_iter().map(|clients| image_of(RegistryScan::new(clients, limiter.clone(), None))),
-    );
+    let expected = expected(config, pipeline, source);
+    let actual = futures_util::future::try_join_all(targets.into_iter().map(image_of));
     let (expected, actual) = futures_util::future::try_join(expected, actual).await?;
     if expected.failed > 0 {
         tracing::warn!("{} source entities failed a stage: they are missing in every target", expected.failed);
