@@ -482,15 +482,19 @@ async fn run_pipeline(
             "calls_per_change": if changes == 0 { 0.0 } else { stats.calls as f64 / changes as f64 },
         })
     );
-    if summary.dead_letters > 0 {
+    report_dead_letters(summary.dead_letters, &state, pipeline);
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Where the dead letters of a command went, when it made any.
+fn report_dead_letters(count: u64, state: &StateStore, pipeline: &std::path::Path) {
+    if count > 0 {
         eprintln!(
-            "{} dead letter(s) kept in {}: see `iotdr dead-letters list {}`",
-            summary.dead_letters,
+            "{count} dead letter(s) kept in {}: see `iotdr dead-letters list {}`",
             state.path().display(),
             pipeline.display()
         );
     }
-    Ok(ExitCode::SUCCESS)
 }
 
 /// `iotdr sync --mode smart`: verify, then write only the drift (no deletions).
@@ -506,35 +510,21 @@ async fn smart_sync(pipeline: &std::path::Path, dry_run: bool, cache_dir: Option
         .await
         .with_context(|| format!("comparing the targets of {} with the source", pipeline.display()))?;
     let compared: usize = verification.reports.iter().flat_map(|r| r.kinds.values()).map(|k| k.equal + k.drift()).sum();
-    let summary = if dry_run {
+    let (summary, requests) = if dry_run {
         let stdout = std::io::stdout();
         let mut sink = DryRun::new(stdout.lock());
-        iotdr::verify::sync_drift(&config, &mut built, &mut sink, &state, &verification).await?
+        (iotdr::verify::sync_drift(&config, &mut built, &mut sink, &state, &verification).await?, None)
     } else {
         let mut sink = AwsSink::connect(&config, state.clone(), limiter.clone()).await?;
         let summary = iotdr::verify::sync_drift(&config, &mut built, &mut sink, &state, &verification).await?;
-        let stats = sink.stats();
-        eprintln!(
-            "summary: {}",
-            serde_json::json!({ "mode": "smart", "compared": compared, "drifted": verification.drift(),
-                                "run": summary, "requests": stats })
-        );
-        summary
+        (summary, Some(sink.stats()))
     };
-    if dry_run {
-        eprintln!(
-            "summary: {}",
-            serde_json::json!({ "mode": "smart", "compared": compared, "drifted": verification.drift(), "run": summary })
-        );
-    }
-    if summary.dead_letters > 0 {
-        eprintln!(
-            "{} dead letter(s) kept in {}: see `iotdr dead-letters list {}`",
-            summary.dead_letters,
-            state.path().display(),
-            pipeline.display()
-        );
-    }
+    eprintln!(
+        "summary: {}",
+        serde_json::json!({ "mode": "smart", "compared": compared, "drifted": verification.drift(),
+                            "run": summary, "requests": requests })
+    );
+    report_dead_letters(summary.dead_letters, &state, pipeline);
     Ok(ExitCode::SUCCESS)
 }
 
@@ -563,14 +553,7 @@ async fn verify(pipeline: &std::path::Path, json: bool, repair: bool, cache_dir:
             .await
             .with_context(|| format!("repairing the targets of {}", pipeline.display()))?;
         eprintln!("repair: {}", serde_json::to_string(&done).expect("JSON"));
-        if done.summary.dead_letters > 0 {
-            eprintln!(
-                "{} dead letter(s) kept in {}: see `iotdr dead-letters list {}`",
-                done.summary.dead_letters,
-                state.path().display(),
-                pipeline.display()
-            );
-        }
+        report_dead_letters(done.summary.dead_letters, &state, pipeline);
         let before = std::mem::replace(
             &mut verification,
             iotdr::verify::verify(&config, &mut built, limiter, Some(&Progress::for_stderr()))

@@ -96,6 +96,11 @@ impl fmt::Display for Operation {
     }
 }
 
+/// Milliseconds since the epoch, by this machine's clock.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
 /// Kinds of `related` entries the decoders produce (see docs/events.md).
 pub mod related {
     pub const THING: &str = "thing";

@@ -23,6 +23,7 @@ use super::{RunError, Summary, apply_events};
 use crate::aws::{ReadPlan, SourceFetcher};
 use crate::config;
 use crate::context::ThingContext;
+use crate::event::now_ms;
 use crate::event::{Entity, Event, Operation, decode_line, related};
 use crate::pipeline::Pipeline;
 use crate::sink::Sink;
@@ -305,10 +306,6 @@ impl Apply<'_> {
             self.signals.drained.notify_one();
         }
     }
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
 #[cfg(test)]

@@ -15,6 +15,7 @@
 
 use super::{Batch, Record, Source, SourceError};
 use crate::aws::{AwsError, ErrorKind, Limiter, RegionClients, limited};
+use crate::event::now_ms;
 use crate::event::{Entity, Event, Operation, related};
 use crate::progress::Listing;
 use futures_util::StreamExt;
@@ -472,10 +473,6 @@ fn account_of(arn: &str) -> String {
 
 fn entity_name(entity: Entity) -> String {
     serde_json::to_value(entity).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default()
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
 #[cfg(test)]

@@ -3,6 +3,7 @@
 //! PEMs included (public certificates, which a replay needs to register them
 //! without the source region); what is shown of it is [`DeadLetter::redacted`].
 
+use crate::event::now_ms;
 use crate::event::{Entity, Event};
 use serde::{Deserialize, Serialize};
 
@@ -113,10 +114,6 @@ pub fn redacted(mut event: Event) -> Event {
         event.document = Some(serde_json::Value::Object(map).to_string());
     }
     event
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
 #[cfg(test)]

@@ -12,6 +12,7 @@ use super::image::{Image, shadow_of};
 use super::{KINDS, RegionReport, Verification};
 use crate::aws::forget_known;
 use crate::config;
+use crate::event::now_ms;
 use crate::event::{Entity, Event, Operation, related};
 use crate::pipeline::Pipeline;
 use crate::run::{RunError, Summary, apply_events};
@@ -305,10 +306,6 @@ fn repair_event(entity: Entity, operation: Operation, name: &str, region: &str, 
 fn only_in(mut event: Event, region: &str) -> Event {
     event.targets = vec![region.to_string()];
     event
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
 #[cfg(test)]
