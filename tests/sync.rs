@@ -176,3 +176,23 @@ async fn a_sync_with_an_unreachable_target_names_it_before_any_write() {
     let written = moto.iot(TARGET).await.list_things().send().await.unwrap().things.unwrap_or_default();
     assert!(written.is_empty(), "{written:?}");
 }
+
+/// `--query` copies the things fleet indexing finds, each whole (its
+/// attributes, memberships, certificates and shadows), and nothing of the others.
+#[tokio::test]
+async fn a_sync_with_a_query_copies_only_the_things_it_finds() {
+    let moto = Moto::start();
+    seed(&moto, SOURCE, 30).await;
+    let test = Run::new(SOURCE, &moto.url, TARGET, &moto.url, &[], "");
+    let summary = sync(&moto, &test, &["--query", "thingName:dev-000*"]);
+    assert_eq!(summary["run"]["dead_letters"], 0, "{summary}");
+    let source = without_shadow_versions(region_state(&moto, SOURCE).await);
+    let target = without_shadow_versions(region_state(&moto, TARGET).await);
+    let copied: Vec<&String> = target["things"].as_object().unwrap().keys().collect();
+    let wanted: Vec<String> = (0..10).map(|i| format!("dev-{i:04}")).collect();
+    assert_eq!(copied, wanted.iter().collect::<Vec<_>>());
+    for name in &wanted {
+        assert_eq!(source["things"][name], target["things"][name], "{name}");
+    }
+    assert_eq!(source["groups"], target["groups"]);
+}

@@ -78,6 +78,13 @@ enum Command {
         /// missing or different.
         #[arg(long, value_enum, default_value_t = SyncMode::Full)]
         mode: SyncMode,
+        /// Only the things fleet indexing finds for this query
+        /// (`thingName:pump*`, `attributes.site:lyon`), with their
+        /// memberships, principals and shadows; needs fleet indexing on in
+        /// the source region. Types, groups, policies and certificates are
+        /// copied whole.
+        #[arg(long)]
+        query: Option<String>,
     },
     /// Compares each target region with the source region passed through the
     /// pipeline's stages, entity by entity: things (attributes, type, groups,
@@ -202,6 +209,7 @@ fn main() -> ExitCode {
 }
 
 /// The pipeline's source, at its checkpoint (or its start, `from_start`).
+#[allow(clippy::too_many_arguments)]
 async fn open_source(
     config: &PipelineConfig,
     state: &StateStore,
@@ -209,6 +217,7 @@ async fn open_source(
     from_start: bool,
     until_idle: bool,
     idle_after: Duration,
+    scan_query: Option<&str>,
 ) -> Result<AnySource> {
     match &config.source {
         iotdr::config::Source::File { path } => {
@@ -240,7 +249,7 @@ async fn open_source(
             Ok(AnySource::Mqtt(Box::new(source)))
         }
         iotdr::config::Source::Scan => {
-            let key = RegistryScan::checkpoint_key(&config.source_region);
+            let key = RegistryScan::checkpoint_key(&config.source_region, scan_query);
             if from_start {
                 state.remove_checkpoints(&key)?;
             }
@@ -250,6 +259,7 @@ async fn open_source(
                 .await
                 .map_err(|e| anyhow::anyhow!("connecting to the source region {}: {e}", config.source_region))?;
             let scan = RegistryScan::new(clients, limiter.clone(), state.checkpoint(&key)?.as_deref())
+                .with_query(scan_query.map(str::to_string))
                 .with_progress(Progress::for_stderr().listing(&format!("sync {}", config.source_region)));
             Ok(AnySource::Scan(Box::new(scan)))
         }
@@ -292,16 +302,26 @@ async fn execute(cli: Cli) -> Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
-        Command::Sync { pipeline, dry_run, from_start: _, mode: SyncMode::Smart } => {
+        Command::Sync { query: Some(_), mode: SyncMode::Smart, .. } => {
+            anyhow::bail!("--query works with --mode full only (a smart sync compares whole regions)")
+        }
+        Command::Sync { pipeline, dry_run, from_start: _, mode: SyncMode::Smart, query: None } => {
             smart_sync(&pipeline, dry_run, cli.cache_dir).await
         }
-        Command::Sync { pipeline, dry_run, from_start, mode: SyncMode::Full } => {
+        Command::Sync { pipeline, dry_run, from_start, mode: SyncMode::Full, query } => {
             let mut config = PipelineConfig::load(&pipeline)?;
             if !dry_run {
-                iotdr::preflight::check(&config).await?;
+                iotdr::preflight::check(&config, query.as_deref()).await?;
             }
             config.source = iotdr::config::Source::Scan;
-            let run = RunFlags { dry_run, until_idle: true, fetch: false, from_start, idle_after: Duration::ZERO };
+            let run = RunFlags {
+                dry_run,
+                until_idle: true,
+                fetch: false,
+                from_start,
+                idle_after: Duration::ZERO,
+                scan_query: query,
+            };
             run_pipeline(&pipeline, config, run, cli.cache_dir).await
         }
         Command::Run { pipeline, dry_run, until_idle, fetch, from_start, idle_after } => {
@@ -313,7 +333,7 @@ async fn execute(cli: Cli) -> Result<ExitCode> {
                     pipeline.display()
                 );
             }
-            let run = RunFlags { dry_run, until_idle, fetch, from_start, idle_after };
+            let run = RunFlags { dry_run, until_idle, fetch, from_start, idle_after, scan_query: None };
             run_pipeline(&pipeline, config, run, cli.cache_dir).await
         }
         Command::Verify { pipeline, json, repair } => verify(&pipeline, json, repair, cli.cache_dir).await,
@@ -409,6 +429,8 @@ struct RunFlags {
     fetch: bool,
     from_start: bool,
     idle_after: Duration,
+    /// `sync --query`: the things the scan lists.
+    scan_query: Option<String>,
 }
 
 /// `iotdr run`, and `iotdr sync` (the same with the `scan` source).
@@ -418,7 +440,7 @@ async fn run_pipeline(
     flags: RunFlags,
     cache_dir: Option<PathBuf>,
 ) -> Result<ExitCode> {
-    let RunFlags { dry_run, until_idle, fetch, from_start, idle_after } = flags;
+    let RunFlags { dry_run, until_idle, fetch, from_start, idle_after, ref scan_query } = flags;
     let engine = engine(cache_dir)?;
     let mut built = Pipeline::build(&config, &engine)?;
     // One limiter for the run: one bucket per region and operation,
@@ -439,7 +461,8 @@ async fn run_pipeline(
     // One run or sync per state folder: both drain its queue.
     let _lock = if dry_run { None } else { Some(FolderLock::take(&config.state_dir)?) };
     let state = Arc::new(if dry_run { StateStore::in_memory()? } else { StateStore::open(&config.state_dir)? });
-    let mut source = open_source(&config, &state, &limiter, from_start, until_idle, idle_after).await?;
+    let mut source =
+        open_source(&config, &state, &limiter, from_start, until_idle, idle_after, scan_query.as_deref()).await?;
     // A live run reconciles with its own instances of the stages (a sync never).
     let reconcile = match config.reconcile_every {
         Some(every) if !dry_run && !scan && !until_idle => Some(Reconcile {
@@ -505,7 +528,7 @@ async fn smart_sync(pipeline: &std::path::Path, dry_run: bool, cache_dir: Option
     let limiter = Arc::new(Limiter::from_config(&config.apply));
     let _lock = if dry_run { None } else { Some(FolderLock::take(&config.state_dir)?) };
     let state = Arc::new(if dry_run { StateStore::in_memory()? } else { StateStore::open(&config.state_dir)? });
-    iotdr::preflight::check(&config).await?;
+    iotdr::preflight::check(&config, None).await?;
     let verification = iotdr::verify::verify(&config, &mut built, limiter.clone(), Some(&Progress::for_stderr()))
         .await
         .with_context(|| format!("comparing the targets of {} with the source", pipeline.display()))?;
@@ -536,7 +559,7 @@ async fn verify(pipeline: &std::path::Path, json: bool, repair: bool, cache_dir:
     let limiter = Arc::new(Limiter::from_config(&config.apply));
     let context = || format!("verifying {}", pipeline.display());
     // A region that does not answer would otherwise be retried for hours.
-    iotdr::preflight::check(&config).await?;
+    iotdr::preflight::check(&config, None).await?;
     let mut verification = iotdr::verify::verify(&config, &mut built, limiter.clone(), Some(&Progress::for_stderr()))
         .await
         .with_context(context)?;

@@ -18,8 +18,9 @@ pub struct PreflightError {
     pub error: AwsError,
 }
 
-/// Reads once from the source and from every target of `config`.
-pub async fn check(config: &config::Pipeline) -> Result<(), PreflightError> {
+/// Reads once from the source and from every target of `config`; with a
+/// sync's `query`, the source runs it once too.
+pub async fn check(config: &config::Pipeline, query: Option<&str>) -> Result<(), PreflightError> {
     let regions =
         std::iter::once(("source", &config.source_region)).chain(config.targets.iter().map(|t| ("target", t)));
     for (role, region) in regions {
@@ -34,6 +35,15 @@ pub async fn check(config: &config::Pipeline) -> Result<(), PreflightError> {
         })
         .await
         .map_err(|e| fail("does not answer a read (ListThingTypes)", e))?;
+        if let (Some(query), "source") = (query, role) {
+            let request = clients.iot.search_index().query_string(query).max_results(1);
+            retry_briefly(|| {
+                let request = request.clone();
+                async move { request.send().await.map_err(AwsError::from_sdk) }
+            })
+            .await
+            .map_err(|e| fail("rejects the --query (SearchIndex; is fleet indexing on?)", e))?;
+        }
     }
     Ok(())
 }

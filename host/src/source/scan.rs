@@ -74,6 +74,8 @@ pub struct RegistryScan {
     token: Option<String>,
     idle: bool,
     progress: Option<Arc<Listing>>,
+    /// Things only where fleet indexing matches this query (`SearchIndex`).
+    query: Option<String>,
 }
 
 impl RegistryScan {
@@ -89,7 +91,14 @@ impl RegistryScan {
             })
             .filter(|(phase, _)| *phase != Phase::Done)
             .unwrap_or((Phase::Types, None));
-        RegistryScan { clients, limiter, phase, token, idle: false, progress: None }
+        RegistryScan { clients, limiter, phase, token, idle: false, progress: None, query: None }
+    }
+
+    /// Lists only the things fleet indexing finds for `query` (with their
+    /// memberships, principals and shadows); the other phases stay whole.
+    pub fn with_query(mut self, query: Option<String>) -> RegistryScan {
+        self.query = query;
+        self
     }
 
     /// Counts what it lists on `progress`.
@@ -98,9 +107,13 @@ impl RegistryScan {
         self
     }
 
-    /// The key its checkpoint is stored under.
-    pub fn checkpoint_key(region: &str) -> String {
-        format!("scan:{region}")
+    /// The key its checkpoint is stored under: a scan with a query resumes
+    /// only a scan with the same query (its page tokens are SearchIndex's).
+    pub fn checkpoint_key(region: &str, query: Option<&str>) -> String {
+        match query {
+            Some(query) => format!("scan:{region}?{query}"),
+            None => format!("scan:{region}"),
+        }
     }
 
     fn error(&self, what: &str, e: AwsError) -> SourceError {
@@ -287,13 +300,33 @@ impl RegistryScan {
     }
 
     async fn things(&self, now: u64) -> Result<(Vec<Event>, Option<String>), SourceError> {
-        let page = limited!(
-            self,
-            "ListThings",
-            self.clients.iot.list_things().max_results(THINGS_PER_PAGE).set_next_token(self.token.clone())
-        )
-        .map_err(|e| self.error("listing things", e))?;
-        let listed = page.things.unwrap_or_default();
+        let (listed, next_token) = match &self.query {
+            None => {
+                let page = limited!(
+                    self,
+                    "ListThings",
+                    self.clients.iot.list_things().max_results(THINGS_PER_PAGE).set_next_token(self.token.clone())
+                )
+                .map_err(|e| self.error("listing things", e))?;
+                (page.things.unwrap_or_default(), page.next_token)
+            }
+            Some(query) => {
+                let page = limited!(
+                    self,
+                    "SearchIndex",
+                    self.clients
+                        .iot
+                        .search_index()
+                        .query_string(query)
+                        .max_results(THINGS_PER_PAGE)
+                        .set_next_token(self.token.clone())
+                )
+                .map_err(|e| self.error(&format!("searching things for `{query}`"), e))?;
+                let things = page.things.unwrap_or_default().into_iter().filter_map(|t| t.thing_name);
+                let listed = things.map(|name| aws_sdk_iot::types::ThingAttribute::builder().thing_name(name).build());
+                (listed.collect(), page.next_token)
+            }
+        };
         let read = futures_util::stream::iter(listed.into_iter().map(|thing| self.thing(thing, now)))
             .buffered(CONCURRENCY)
             .collect::<Vec<_>>()
@@ -302,13 +335,12 @@ impl RegistryScan {
         for thing in read {
             events.extend(thing?);
         }
-        Ok((events, page.next_token))
+        Ok((events, next_token))
     }
 
     /// A thing, then its memberships and shadows.
     async fn thing(&self, listed: aws_sdk_iot::types::ThingAttribute, now: u64) -> Result<Vec<Event>, SourceError> {
         let Some(name) = listed.thing_name else { return Ok(Vec::new()) };
-        let account = listed.thing_arn.as_deref().map(account_of).unwrap_or_default();
         let fail = |what: &str, e: AwsError| self.error(&format!("{what} of thing {name}"), e);
         let gone = |e: &AwsError| e.is(ErrorKind::NotFound);
         // Deleted since it was listed: its deletion has an event of its own.
@@ -317,6 +349,9 @@ impl RegistryScan {
             Err(e) if gone(&e) => return Ok(Vec::new()),
             Err(e) => return Err(fail("describing", e)),
         };
+        // A search result carries no ARN; the description does.
+        let arn = listed.thing_arn.or_else(|| described.thing_arn.clone());
+        let account = arn.as_deref().map(account_of).unwrap_or_default();
         let principals =
             match limited!(self, "ListThingPrincipals", self.clients.iot.list_thing_principals().thing_name(&name)) {
                 Ok(out) => out.principals.unwrap_or_default(),
@@ -458,7 +493,10 @@ impl Source for RegistryScan {
             .into_iter()
             .map(|event| Record { text: json!({ "event": event }).to_string(), origin: origin.clone() })
             .collect();
-        Ok(Batch { records, checkpoints: vec![(Self::checkpoint_key(&self.clients.region), position)] })
+        Ok(Batch {
+            records,
+            checkpoints: vec![(Self::checkpoint_key(&self.clients.region, self.query.as_deref()), position)],
+        })
     }
 
     fn idle(&self) -> bool {
