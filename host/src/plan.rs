@@ -47,8 +47,7 @@ pub fn plan(event: &Event, region: &str) -> Result<Vec<Call>, PlanError> {
                 input["thingTypeName"] = thing_type.into();
             }
             let mut calls = vec![call("CreateThing", input)];
-            calls.extend(attach_principals(event, region));
-            calls.extend(detach_principals(event, region));
+            calls.extend(principal_calls(event, region));
             calls
         }
         (E::Thing, O::Updated) => {
@@ -61,8 +60,7 @@ pub fn plan(event: &Event, region: &str) -> Result<Vec<Call>, PlanError> {
                 None => input["removeThingType"] = true.into(),
             }
             let mut calls = vec![call("UpdateThing", input)];
-            calls.extend(attach_principals(event, region));
-            calls.extend(detach_principals(event, region));
+            calls.extend(principal_calls(event, region));
             calls
         }
         // The applier first detaches the principals and deletes the shadows it
@@ -222,38 +220,22 @@ fn certificate_arn(event: &Event, region: &str) -> String {
 }
 
 /// The thing's certificates (fetched from the source at ingest), attached in
-/// the target. The ARN names the source's account; the applier uses the
-/// certificate's ARN in the target.
-fn attach_principals(event: &Event, region: &str) -> Vec<Call> {
-    event
-        .related
-        .iter()
-        .filter(|(kind, _)| kind == related::PRINCIPAL)
-        .map(|(_, id)| Call {
-            region: region.to_string(),
-            operation: "AttachThingPrincipal",
-            input: json!({
-                "thingName": event.name,
-                "principal": format!("arn:aws:iot:{region}:{}:cert/{id}", event.account_id),
-            }),
-        })
-        .collect()
-}
-
-/// `DetachThingPrincipal` for each certificate the event names as detached
-/// (a repair's); the applier finds its ARN in the target.
-fn detach_principals(event: &Event, region: &str) -> Vec<Call> {
-    event
-        .related
-        .iter()
-        .filter(|(kind, _)| kind == related::DETACHED_PRINCIPAL)
-        .map(|(_, id)| Call {
-            region: region.to_string(),
-            operation: "DetachThingPrincipal",
-            input: json!({
-                "thingName": event.name,
-                "principal": format!("arn:aws:iot:{region}:{}:cert/{id}", event.account_id),
-            }),
+/// the target, then those a repair names as detached. The ARN names the
+/// source's account; the applier uses the certificate's ARN in the target.
+fn principal_calls(event: &Event, region: &str) -> Vec<Call> {
+    let operations =
+        [(related::PRINCIPAL, "AttachThingPrincipal"), (related::DETACHED_PRINCIPAL, "DetachThingPrincipal")];
+    operations
+        .into_iter()
+        .flat_map(|(wanted, operation)| {
+            event.related.iter().filter(move |(kind, _)| kind == wanted).map(move |(_, id)| Call {
+                region: region.to_string(),
+                operation,
+                input: json!({
+                    "thingName": event.name,
+                    "principal": format!("arn:aws:iot:{region}:{}:cert/{id}", event.account_id),
+                }),
+            })
         })
         .collect()
 }

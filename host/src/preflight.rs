@@ -6,7 +6,7 @@
 //! may read and not write still fails at its first write, as a dead letter
 //! naming the call.
 
-use crate::aws::{AwsError, RegionClients, retry_briefly};
+use crate::aws::{AwsError, RegionClients, briefly};
 use crate::config;
 
 #[derive(Debug, thiserror::Error)]
@@ -28,21 +28,11 @@ pub async fn check(config: &config::Pipeline, query: Option<&str>) -> Result<(),
         let fail = |what, error| PreflightError { role, region: region.clone(), what, error };
         let clients =
             RegionClients::connect(region, &settings, false).await.map_err(|e| fail("cannot be reached", e))?;
-        let request = clients.iot.list_thing_types().max_results(1);
-        retry_briefly(|| {
-            let request = request.clone();
-            async move { request.send().await.map_err(AwsError::from_sdk) }
-        })
-        .await
-        .map_err(|e| fail("does not answer a read (ListThingTypes)", e))?;
+        briefly!(clients.iot.list_thing_types().max_results(1))
+            .map_err(|e| fail("does not answer a read (ListThingTypes)", e))?;
         if let (Some(query), "source") = (query, role) {
-            let request = clients.iot.search_index().query_string(query).max_results(1);
-            retry_briefly(|| {
-                let request = request.clone();
-                async move { request.send().await.map_err(AwsError::from_sdk) }
-            })
-            .await
-            .map_err(|e| fail("rejects the --query (SearchIndex; is fleet indexing on?)", e))?;
+            briefly!(clients.iot.search_index().query_string(query).max_results(1))
+                .map_err(|e| fail("rejects the --query (SearchIndex; is fleet indexing on?)", e))?;
         }
     }
     Ok(())

@@ -5,7 +5,7 @@
 //! `accepted` topics. Each step reads first and changes only what differs;
 //! `--dry-run` reads and says what it would change. docs/pipelines.md#iotdr-setup.
 
-use crate::aws::{AwsError, ErrorKind, RegionClients};
+use crate::aws::{AwsError, ErrorKind, RegionClients, briefly};
 use crate::config;
 use aws_sdk_dynamodb::types::{
     AttributeDefinition, BillingMode, KeySchemaElement, KeyType, ScalarAttributeType, StreamSpecification,
@@ -109,19 +109,6 @@ pub async fn setup(config: &config::Pipeline, settings: &Settings) -> Result<Vec
     Ok(steps)
 }
 
-/// An admin call retried briefly: setup runs once, by hand, and should say
-/// what is wrong rather than wait for hours.
-macro_rules! send {
-    ($request:expr) => {{
-        let request = $request;
-        crate::aws::retry_briefly(|| {
-            let request = request.clone();
-            async move { request.send().await.map_err(AwsError::from_sdk) }
-        })
-        .await
-    }};
-}
-
 fn failed(what: &str, e: AwsError) -> Outcome {
     // moto answers 500 to what it does not implement (UpdateEventConfigurations).
     let hint = if e.status == Some(500) { " (an emulator may not implement it; AWS does)" } else { "" };
@@ -129,7 +116,7 @@ fn failed(what: &str, e: AwsError) -> Outcome {
 }
 
 async fn event_configurations(c: &RegionClients, settings: &Settings) -> Outcome {
-    let current = match send!(c.iot.describe_event_configurations()) {
+    let current = match briefly!(c.iot.describe_event_configurations()) {
         Ok(out) => out.event_configurations.unwrap_or_default(),
         Err(e) => return failed("DescribeEventConfigurations", e),
     };
@@ -146,7 +133,7 @@ async fn event_configurations(c: &RegionClients, settings: &Settings) -> Outcome
     for event_type in off {
         update = update.event_configurations(event_type, Configuration::builder().enabled(true).build());
     }
-    match send!(update) {
+    match briefly!(update) {
         Ok(_) => Outcome::Made(format!("enabled {names}")),
         Err(e) => failed("UpdateEventConfigurations", e),
     }
@@ -154,7 +141,7 @@ async fn event_configurations(c: &RegionClients, settings: &Settings) -> Outcome
 
 async fn table(c: &RegionClients, settings: &Settings) -> Outcome {
     let name = settings.table.as_str();
-    let described = match send!(c.dynamodb.describe_table().table_name(name)) {
+    let described = match briefly!(c.dynamodb.describe_table().table_name(name)) {
         Ok(out) => out.table,
         Err(e) if e.is(ErrorKind::NotFound) => None,
         Err(e) => return failed("DescribeTable", e),
@@ -173,7 +160,7 @@ async fn table(c: &RegionClients, settings: &Settings) -> Outcome {
             .key_type(KeyType::Hash)
             .build()
             .expect("complete");
-        let created = send!(
+        let created = briefly!(
             c.dynamodb
                 .create_table()
                 .table_name(name)
@@ -212,7 +199,7 @@ async fn table(c: &RegionClients, settings: &Settings) -> Outcome {
     if settings.dry_run {
         return Outcome::Would("turn its stream on (NEW_IMAGE)".into());
     }
-    match send!(c.dynamodb.update_table().table_name(name).stream_specification(stream())) {
+    match briefly!(c.dynamodb.update_table().table_name(name).stream_specification(stream())) {
         Ok(_) => Outcome::Made("stream turned on (NEW_IMAGE)".into()),
         Err(e) => failed("UpdateTable", e),
     }
@@ -229,7 +216,7 @@ fn stream() -> StreamSpecification {
 /// Waits for a new table to become active (a minute at most).
 async fn active(c: &RegionClients, name: &str) -> Result<(), AwsError> {
     for _ in 0..120 {
-        let out = send!(c.dynamodb.describe_table().table_name(name))?;
+        let out = briefly!(c.dynamodb.describe_table().table_name(name))?;
         if out.table.and_then(|t| t.table_status) == Some(TableStatus::Active) {
             return Ok(());
         }
@@ -240,7 +227,7 @@ async fn active(c: &RegionClients, name: &str) -> Result<(), AwsError> {
 
 async fn ttl(c: &RegionClients, settings: &Settings) -> Outcome {
     let name = settings.table.as_str();
-    let current = match send!(c.dynamodb.describe_time_to_live().table_name(name)) {
+    let current = match briefly!(c.dynamodb.describe_time_to_live().table_name(name)) {
         Ok(out) => out.time_to_live_description,
         // A dry run on a table not made yet.
         Err(e) if e.is(ErrorKind::NotFound) && settings.dry_run => None,
@@ -264,14 +251,14 @@ async fn ttl(c: &RegionClients, settings: &Settings) -> Outcome {
     }
     let specification =
         TimeToLiveSpecification::builder().enabled(true).attribute_name(TTL_ATTRIBUTE).build().expect("complete");
-    match send!(c.dynamodb.update_time_to_live().table_name(name).time_to_live_specification(specification)) {
+    match briefly!(c.dynamodb.update_time_to_live().table_name(name).time_to_live_specification(specification)) {
         Ok(_) => Outcome::Made(format!("turned on (items expire {days:.1} days after their event)")),
         Err(e) => failed("UpdateTimeToLive", e),
     }
 }
 
 async fn rule(c: &RegionClients, settings: &Settings, name: &str, sql: &str) -> Outcome {
-    let current = match send!(c.iot.get_topic_rule().rule_name(name)) {
+    let current = match briefly!(c.iot.get_topic_rule().rule_name(name)) {
         Ok(out) => out.rule,
         Err(e) if e.is(ErrorKind::NotFound) => None,
         // AWS answers UnauthorizedException for a rule that does not exist.
@@ -311,9 +298,9 @@ async fn rule(c: &RegionClients, settings: &Settings, name: &str, sql: &str) -> 
         .build()
         .expect("complete");
     let result = if current.is_some() {
-        send!(c.iot.replace_topic_rule().rule_name(name).topic_rule_payload(payload)).map(drop)
+        briefly!(c.iot.replace_topic_rule().rule_name(name).topic_rule_payload(payload)).map(drop)
     } else {
-        send!(c.iot.create_topic_rule().rule_name(name).topic_rule_payload(payload)).map(drop)
+        briefly!(c.iot.create_topic_rule().rule_name(name).topic_rule_payload(payload)).map(drop)
     };
     match result {
         Ok(()) => Outcome::Made(format!("{verb}d: {sql} → table {}", settings.table)),

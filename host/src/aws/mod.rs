@@ -18,6 +18,19 @@ macro_rules! limited {
 }
 pub(crate) use limited;
 
+/// Sends an SDK request with [`retry_briefly`]: for one-off commands.
+macro_rules! briefly {
+    ($request:expr) => {{
+        let request = $request;
+        $crate::aws::retry_briefly(|| {
+            let request = request.clone();
+            async move { request.send().await.map_err($crate::aws::AwsError::from_sdk) }
+        })
+        .await
+    }};
+}
+pub(crate) use briefly;
+
 /// A call retried a few times on throttling and 5xx, then given up: for
 /// one-off commands (setup, the checks before a sync writes) that should
 /// say what is wrong rather than wait out the run's retry deadline.

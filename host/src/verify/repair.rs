@@ -111,29 +111,13 @@ pub fn to_queue(verification: &Verification) -> Vec<Event> {
                     .filter_map(|e| verification.expected.origins.get(&e.id))
                     .map(|(place, event)| chosen.get(place).cloned().unwrap_or_else(|| event.clone()))
                     .collect();
-                for event in &mut origins {
+                let mut removed = mend(kind, name, &mut origins, actual, &report.region, now);
+                // The run's stages route them again.
+                for event in origins.iter_mut().chain(&mut removed) {
                     event.targets.clear();
                 }
-                let have = actual.get(kind, name);
-                match (kind, have) {
-                    ("things", Some(have)) => {
-                        let mut removed = removals(name, &mut origins, have, &report.region, now);
-                        for event in &mut removed {
-                            event.targets.clear();
-                        }
-                        removals_first.extend(removed);
-                    }
-                    ("shadows", Some(have)) => {
-                        for event in &mut origins {
-                            event.document = event.document.take().map(|d| removing_extras(&d, &have["state"]));
-                        }
-                    }
-                    _ => {}
-                }
-                for mut event in origins {
-                    if event.entity == Entity::Shadow && event.related(related::REPAIR).is_none() {
-                        event.related.push((related::REPAIR.into(), "drift".into()));
-                    }
+                removals_first.extend(removed);
+                for event in origins {
                     if let Some((place, _)) = verification.expected.origins.get(&event.id) {
                         chosen.insert(*place, event);
                     }
@@ -166,24 +150,8 @@ fn events_for(
         for name in names {
             let Some(source) = expected.get(&(kind, name.clone())) else { continue };
             let mut events: Vec<Event> = source.iter().cloned().map(|e| only_in(e, region)).collect();
-            for event in &mut events {
-                if event.entity == Entity::Shadow {
-                    // Its version may be in the ledger already (the target's
-                    // shadow was changed behind iotdr's back): written again
-                    // unless a newer one was applied.
-                    event.related.push((related::REPAIR.into(), "drift".into()));
-                    // A shadow update merges: what only the target has is removed with nulls.
-                    if let Some(have) = actual.get(kind, name) {
-                        event.document = event.document.take().map(|d| removing_extras(&d, &have["state"]));
-                    }
-                }
-            }
-            if kind == "things"
-                && let Some(have) = actual.get(kind, name)
-            {
-                let removed = removals(name, &mut events, have, region, now);
-                events.splice(0..0, removed);
-            }
+            let removed = mend(kind, name, &mut events, actual, region, now);
+            events.splice(0..0, removed);
             out.extend(events);
         }
     }
@@ -193,6 +161,28 @@ fn events_for(
         }
     }
     out
+}
+
+/// Readies the source's `events` of drifted entry `kind`/`name` for a target
+/// that holds `actual`: shadows are marked as repairs (the target may have
+/// drifted from a version the ledger holds: written again unless a newer
+/// one was applied) and null what only the target has (an update merges);
+/// a thing's memberships and certificates only the target has are removed.
+/// Returns the removals, to be applied first.
+fn mend(kind: &str, name: &str, events: &mut [Event], actual: &Image, region: &str, now: u64) -> Vec<Event> {
+    let have = actual.get(kind, name);
+    for event in events.iter_mut().filter(|e| e.entity == Entity::Shadow) {
+        if event.related(related::REPAIR).is_none() {
+            event.related.push((related::REPAIR.into(), "drift".into()));
+        }
+        if let Some(have) = have {
+            event.document = event.document.take().map(|d| removing_extras(&d, &have["state"]));
+        }
+    }
+    match have {
+        Some(have) if kind == "things" => removals(name, events, have, region, now),
+        _ => Vec::new(),
+    }
 }
 
 /// What the target has on thing `name` that the source's `events` do not
@@ -322,7 +312,7 @@ mod tests {
             repaired,
             json!({ "state": { "desired": { "mode": "eco", "extra": null }, "reported": { "on": true } } })
         );
-        // A part the source's shadow lacks goes whole.
+        // A part the source's shadow lacks is emptied key by key.
         let document = json!({ "state": { "reported": { "on": true } } }).to_string();
         let repaired: Value = serde_json::from_str(&removing_extras(&document, &have)).unwrap();
         assert_eq!(
