@@ -12,6 +12,7 @@ use iotdr::run::{Options, Reconcile, replay, run};
 use iotdr::sink::{AwsSink, DryRun};
 use iotdr::source::{AnySource, DynamodbStream, FileSource, MqttSource, RegistryScan};
 use iotdr::state::{DeadLetter, FolderLock, StateStore, Step};
+use iotdr::verify::ShadowReads;
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -529,9 +530,11 @@ async fn smart_sync(pipeline: &std::path::Path, dry_run: bool, cache_dir: Option
     let _lock = if dry_run { None } else { Some(FolderLock::take(&config.state_dir)?) };
     let state = Arc::new(if dry_run { StateStore::in_memory()? } else { StateStore::open(&config.state_dir)? });
     iotdr::preflight::check(&config, None).await?;
-    let verification = iotdr::verify::verify(&config, &mut built, limiter.clone(), Some(&Progress::for_stderr()))
-        .await
-        .with_context(|| format!("comparing the targets of {} with the source", pipeline.display()))?;
+    let progress = Progress::for_stderr();
+    let verification =
+        iotdr::verify::verify(&config, &mut built, limiter.clone(), Some(&progress), ShadowReads::Expected)
+            .await
+            .with_context(|| format!("comparing the targets of {} with the source", pipeline.display()))?;
     let compared: usize = verification.reports.iter().flat_map(|r| r.kinds.values()).map(|k| k.equal + k.drift()).sum();
     let (summary, requests) = if dry_run {
         let stdout = std::io::stdout();
@@ -560,9 +563,11 @@ async fn verify(pipeline: &std::path::Path, json: bool, repair: bool, cache_dir:
     let context = || format!("verifying {}", pipeline.display());
     // A region that does not answer would otherwise be retried for hours.
     iotdr::preflight::check(&config, None).await?;
-    let mut verification = iotdr::verify::verify(&config, &mut built, limiter.clone(), Some(&Progress::for_stderr()))
-        .await
-        .with_context(context)?;
+    let progress = Progress::for_stderr();
+    let mut verification =
+        iotdr::verify::verify(&config, &mut built, limiter.clone(), Some(&progress), ShadowReads::All)
+            .await
+            .with_context(context)?;
     let mut repaired = None;
     if repair && verification.drift() > 0 {
         if !json {
@@ -579,7 +584,7 @@ async fn verify(pipeline: &std::path::Path, json: bool, repair: bool, cache_dir:
         report_dead_letters(done.summary.dead_letters, &state, pipeline);
         let before = std::mem::replace(
             &mut verification,
-            iotdr::verify::verify(&config, &mut built, limiter, Some(&Progress::for_stderr()))
+            iotdr::verify::verify(&config, &mut built, limiter, Some(&progress), ShadowReads::All)
                 .await
                 .with_context(context)?,
         );

@@ -11,7 +11,7 @@ mod scan;
 pub use dynamodb_stream::{DynamodbStream, ShardGraph};
 pub use file::FileSource;
 pub use mqtt::{DEFAULT_TOPICS as MQTT_DEFAULT_TOPICS, MqttSettings, MqttSource};
-pub use scan::RegistryScan;
+pub use scan::{Reading, RegistryScan};
 
 use std::future::Future;
 

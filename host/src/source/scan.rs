@@ -12,6 +12,12 @@
 //! sync resumes at the page it stopped at. Events carry the time their page
 //! was read (less a margin for clock skew, `CLOCK_MARGIN_MS`): what the
 //! source holds now is newer than any event before it.
+//!
+//! A scan reads in one of two ways ([`Reading`]): to replicate (complete
+//! events, a thing with everything it carries: several reads per thing) or
+//! to compare (`verify`, `sync --mode smart`): in bulk, memberships listed
+//! per group, principals per certificate and policy targets per policy, so
+//! that a region's registry costs a few reads per hundred things.
 
 use super::{Batch, Record, Source, SourceError};
 use crate::aws::{AwsError, ErrorKind, Limiter, RegionClients, limited};
@@ -67,8 +73,36 @@ impl Phase {
     }
 }
 
+/// How a scan reads its region.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reading {
+    /// Complete events to replicate: each thing described with its
+    /// principals, memberships and shadows, each certificate with its PEM.
+    /// Resumable from any page.
+    Replicate,
+    /// The region as `verify` compares it, in bulk: group and billing-group
+    /// members listed per group, a certificate's things per certificate, a
+    /// policy's targets per policy, no PEMs (a certificate's id is the
+    /// SHA-256 of its content: the same id is the same certificate), and
+    /// the shadows only when `shadows` (otherwise the caller reads the ones
+    /// it wants, [`RegistryScan::read_shadows`]). Not resumable: later
+    /// phases use what earlier ones learned.
+    Compare { shadows: bool },
+}
+
+/// What a comparing scan's policy and certificate phases learned for later phases.
+#[derive(Default)]
+struct Learned {
+    /// Certificate id → the policies attached to it.
+    policies_of: HashMap<String, Vec<String>>,
+    /// Thing → the certificate ids attached to it.
+    principals_of: HashMap<String, Vec<String>>,
+}
+
 pub struct RegistryScan {
     clients: RegionClients,
+    reading: Reading,
+    learned: std::sync::Mutex<Learned>,
     limiter: Arc<Limiter>,
     phase: Phase,
     token: Option<String>,
@@ -91,7 +125,28 @@ impl RegistryScan {
             })
             .filter(|(phase, _)| *phase != Phase::Done)
             .unwrap_or((Phase::Types, None));
-        RegistryScan { clients, limiter, phase, token, idle: false, progress: None, query: None }
+        RegistryScan {
+            clients,
+            reading: Reading::Replicate,
+            learned: Default::default(),
+            limiter,
+            phase,
+            token,
+            idle: false,
+            progress: None,
+            query: None,
+        }
+    }
+
+    /// Reads the region to compare it (from the start: see [`Reading::Compare`]).
+    pub fn comparing(clients: RegionClients, limiter: Arc<Limiter>, shadows: bool) -> RegistryScan {
+        let mut scan = RegistryScan::new(clients, limiter, None);
+        scan.reading = Reading::Compare { shadows };
+        scan
+    }
+
+    fn comparing_mode(&self) -> bool {
+        matches!(self.reading, Reading::Compare { .. })
     }
 
     /// Lists only the things fleet indexing finds for `query` (with their
@@ -213,7 +268,76 @@ impl RegistryScan {
         };
         let mut ordered: Vec<Event> = events.into_values().collect();
         ordered.sort_by_key(|event| depth(&event.name));
+        if self.comparing_mode() {
+            // A dynamic group's members follow its query, in each region: not compared.
+            let listed: Vec<&str> = ordered
+                .iter()
+                .filter(|group| !group.document.as_deref().is_some_and(|d| d.contains("\"dynamic\":true")))
+                .map(|group| group.name.as_str())
+                .collect();
+            let memberships = self.members_of(listed, Entity::ThingGroupMembership, now).await?;
+            ordered.extend(memberships);
+        }
         Ok(ordered)
+    }
+
+    /// Comparing: the members of each group in `groups`, as membership events of
+    /// `entity` (thing-group or billing-group memberships), one listing per group.
+    async fn members_of(&self, groups: Vec<&str>, entity: Entity, now: u64) -> Result<Vec<Event>, SourceError> {
+        let listed = futures_util::stream::iter(groups.into_iter().map(|group| async move {
+            let mut things = Vec::new();
+            let mut token = None;
+            loop {
+                let (page, next) = if entity == Entity::BillingGroupMembership {
+                    let page = limited!(
+                        self,
+                        "ListThingsInBillingGroup",
+                        self.clients.iot.list_things_in_billing_group().billing_group_name(group).set_next_token(token)
+                    );
+                    page.map(|p| (p.things.unwrap_or_default(), p.next_token))
+                } else {
+                    let page = limited!(
+                        self,
+                        "ListThingsInThingGroup",
+                        self.clients.iot.list_things_in_thing_group().thing_group_name(group).set_next_token(token)
+                    );
+                    page.map(|p| (p.things.unwrap_or_default(), p.next_token))
+                }
+                .map_err(|e| self.error(&format!("listing the things of group {group}"), e))?;
+                things.extend(page);
+                token = next;
+                if token.is_none() {
+                    break;
+                }
+            }
+            Ok::<_, SourceError>((group, things))
+        }))
+        .buffered(CONCURRENCY)
+        .collect::<Vec<_>>()
+        .await;
+        let mut events = Vec::new();
+        for listed in listed {
+            let (group, things) = listed?;
+            for thing in things {
+                events.push(self.membership(entity, &thing, group, "", now));
+            }
+        }
+        Ok(events)
+    }
+
+    /// `thing`'s membership of `group` (a thing group or a billing group, by `entity`).
+    fn membership(&self, entity: Entity, thing: &str, group: &str, account: &str, now: u64) -> Event {
+        let mut membership = self.event(entity, thing, now);
+        membership.operation = Operation::Added;
+        membership.account_id = account.to_string();
+        if entity == Entity::BillingGroupMembership {
+            membership.id = format!("scan-billing-membership-{thing}-{group}-{now}");
+            membership.set_related(related::BILLING_GROUP, Some(group.to_string()));
+        } else {
+            membership.id = format!("scan-membership-{thing}-{group}-{now}");
+            membership.set_related(related::THING_GROUP, Some(group.to_string()));
+        }
+        membership
     }
 
     async fn billing_groups(&self, now: u64) -> Result<(Vec<Event>, Option<String>), SourceError> {
@@ -237,6 +361,11 @@ impl RegistryScan {
             event.document = Some(json!({ "description": description }).to_string());
             events.push(event);
         }
+        if self.comparing_mode() {
+            let names: Vec<String> = events.iter().map(|event| event.name.clone()).collect();
+            let names = names.iter().map(String::as_str).collect();
+            events.extend(self.members_of(names, Entity::BillingGroupMembership, now).await?);
+        }
         Ok((events, page.next_token))
     }
 
@@ -255,20 +384,97 @@ impl RegistryScan {
             let mut event = self.event(Entity::Policy, &name, now);
             event.document = got.policy_document;
             events.push(event);
+            if self.comparing_mode() {
+                self.learn_targets(&name).await?;
+            }
         }
         Ok((events, page.next_marker))
+    }
+
+    /// Comparing: the certificates `policy` is attached to, learned for the certificate phase.
+    async fn learn_targets(&self, policy: &str) -> Result<(), SourceError> {
+        let mut marker = None;
+        loop {
+            let page = match limited!(
+                self,
+                "ListTargetsForPolicy",
+                self.clients.iot.list_targets_for_policy().policy_name(policy).set_marker(marker)
+            ) {
+                Ok(page) => page,
+                // Deleted since it was listed.
+                Err(e) if e.is(ErrorKind::NotFound) => return Ok(()),
+                Err(e) => return Err(self.error(&format!("listing the targets of policy {policy}"), e)),
+            };
+            let mut learned = self.learned.lock().expect("not poisoned");
+            for target in page.targets.unwrap_or_default() {
+                if let Some((_, id)) = target.rsplit_once(":cert/") {
+                    learned.policies_of.entry(id.to_string()).or_default().push(policy.to_string());
+                }
+            }
+            marker = page.next_marker;
+            if marker.is_none() {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Comparing: a listed certificate with its status and policies, and
+    /// the things it is attached to learned for the thing phase.
+    async fn listed_certificate(
+        &self,
+        listed: aws_sdk_iot::types::Certificate,
+        now: u64,
+    ) -> Result<Option<Event>, SourceError> {
+        let (Some(id), Some(arn)) = (listed.certificate_id, listed.certificate_arn) else { return Ok(None) };
+        let mut things = Vec::new();
+        let mut token = None;
+        loop {
+            let page = match limited!(
+                self,
+                "ListPrincipalThings",
+                self.clients.iot.list_principal_things().principal(&arn).set_next_token(token)
+            ) {
+                Ok(page) => page,
+                Err(e) if e.is(ErrorKind::NotFound) => return Ok(None),
+                Err(e) => return Err(self.error(&format!("listing the things of certificate {id}"), e)),
+            };
+            things.extend(page.things.unwrap_or_default());
+            token = page.next_token;
+            if token.is_none() {
+                break;
+            }
+        }
+        let mut event = self.event(Entity::Certificate, &id, now);
+        event.account_id = account_of(&arn);
+        let status = listed.status.map_or_else(|| "ACTIVE".to_string(), |s| s.as_str().to_string());
+        event.set_related(related::CERTIFICATE_STATUS, Some(status));
+        let mut learned = self.learned.lock().expect("not poisoned");
+        for policy in learned.policies_of.get(&id).into_iter().flatten() {
+            event.related.push((related::POLICY.into(), policy.clone()));
+        }
+        for thing in things {
+            learned.principals_of.entry(thing).or_default().push(id.clone());
+        }
+        Ok(Some(event))
     }
 
     async fn certificates(&self, now: u64) -> Result<(Vec<Event>, Option<String>), SourceError> {
         let page =
             limited!(self, "ListCertificates", self.clients.iot.list_certificates().set_marker(self.token.clone()))
                 .map_err(|e| self.error("listing certificates", e))?;
-        let ids: Vec<String> =
-            page.certificates.unwrap_or_default().into_iter().filter_map(|c| c.certificate_id).collect();
-        let read = futures_util::stream::iter(ids.iter().map(|id| self.certificate(id, now)))
-            .buffered(CONCURRENCY)
-            .collect::<Vec<_>>()
-            .await;
+        let listed = page.certificates.unwrap_or_default();
+        let read = if self.comparing_mode() {
+            futures_util::stream::iter(listed.into_iter().map(|listed| self.listed_certificate(listed, now)))
+                .buffered(CONCURRENCY)
+                .collect::<Vec<_>>()
+                .await
+        } else {
+            let ids: Vec<String> = listed.into_iter().filter_map(|c| c.certificate_id).collect();
+            futures_util::stream::iter(ids.iter().map(|id| self.certificate(id, now)))
+                .buffered(CONCURRENCY)
+                .collect::<Vec<_>>()
+                .await
+        };
         let mut events = Vec::new();
         for certificate in read {
             events.extend(certificate?);
@@ -340,6 +546,9 @@ impl RegistryScan {
 
     /// A thing, then its memberships and shadows.
     async fn thing(&self, listed: aws_sdk_iot::types::ThingAttribute, now: u64) -> Result<Vec<Event>, SourceError> {
+        if let Reading::Compare { shadows } = self.reading {
+            return self.listed_thing(listed, shadows, now).await;
+        }
         let Some(name) = listed.thing_name else { return Ok(Vec::new()) };
         let fail = |what: &str, e: AwsError| self.error(&format!("{what} of thing {name}"), e);
         let gone = |e: &AwsError| e.is(ErrorKind::NotFound);
@@ -375,24 +584,55 @@ impl RegistryScan {
         }
         let mut events = Vec::new();
         for group in groups.into_iter().filter_map(|g| g.group_name) {
-            let mut membership = self.event(Entity::ThingGroupMembership, &name, now);
-            membership.id = format!("scan-membership-{name}-{group}-{now}");
-            membership.operation = Operation::Added;
-            membership.account_id = account.clone();
-            membership.set_related(related::THING_GROUP, Some(group));
-            events.push(membership);
+            events.push(self.membership(Entity::ThingGroupMembership, &name, &group, &account, now));
         }
         if let Some(group) = described.billing_group_name {
-            let mut membership = self.event(Entity::BillingGroupMembership, &name, now);
-            membership.id = format!("scan-billing-membership-{name}-{group}-{now}");
-            membership.operation = Operation::Added;
-            membership.account_id = account.clone();
-            membership.set_related(related::BILLING_GROUP, Some(group));
-            events.push(membership);
+            events.push(self.membership(Entity::BillingGroupMembership, &name, &group, &account, now));
         }
         let Some(shadows) = self.shadows(&name, &account, now).await? else { return Ok(Vec::new()) };
         events.extend(shadows);
         events.insert(0, thing);
+        Ok(events)
+    }
+
+    /// Comparing: a thing as listed (attributes, type), with the principals
+    /// the certificate phase learned, and its shadows when asked.
+    async fn listed_thing(
+        &self,
+        listed: aws_sdk_iot::types::ThingAttribute,
+        shadows: bool,
+        now: u64,
+    ) -> Result<Vec<Event>, SourceError> {
+        let Some(name) = listed.thing_name else { return Ok(Vec::new()) };
+        let account = listed.thing_arn.as_deref().map(account_of).unwrap_or_default();
+        let mut thing = self.event(Entity::Thing, &name, now);
+        thing.account_id = account.clone();
+        thing.version = (listed.version > 0).then_some(listed.version as u64);
+        thing.attributes = listed.attributes.unwrap_or_default().into_iter().collect();
+        thing.set_related(related::THING_TYPE, listed.thing_type_name);
+        let principals = self.learned.lock().expect("not poisoned").principals_of.remove(&name).unwrap_or_default();
+        thing.related.extend(principals.into_iter().map(|id| (related::PRINCIPAL.to_string(), id)));
+        let mut events = vec![thing];
+        if shadows {
+            events.extend(self.shadows(&name, &account, now).await?.unwrap_or_default());
+        }
+        Ok(events)
+    }
+
+    /// Comparing: the shadows `wanted` (thing, shadow name; `None` for the
+    /// classic one), one read each, as events; the ones missing are left out.
+    pub async fn read_shadows(&self, wanted: Vec<(String, Option<String>)>) -> Result<Vec<Event>, SourceError> {
+        let now = now_ms().saturating_sub(CLOCK_MARGIN_MS);
+        let read = futures_util::stream::iter(
+            wanted.into_iter().map(|(thing, shadow)| async move { self.shadow(&thing, shadow, "", now).await }),
+        )
+        .buffered(CONCURRENCY)
+        .collect::<Vec<_>>()
+        .await;
+        let mut events = Vec::new();
+        for shadow in read {
+            events.extend(shadow?);
+        }
         Ok(events)
     }
 
@@ -421,35 +661,45 @@ impl RegistryScan {
         }
         let mut events = Vec::new();
         for shadow in names {
-            let got = match limited!(
-                self,
-                "GetThingShadow",
-                self.clients.data.get_thing_shadow().thing_name(thing).set_shadow_name(shadow.clone())
-            ) {
-                Ok(got) => got,
-                // A thing without a classic shadow, or a shadow deleted since.
-                Err(e) if e.is(ErrorKind::NotFound) => continue,
-                Err(e) => return Err(fail(e)),
-            };
-            let document: Value =
-                got.payload.and_then(|p| serde_json::from_slice(p.as_ref()).ok()).unwrap_or(Value::Null);
-            let mut state = Map::new();
-            for part in ["desired", "reported"] {
-                if let Some(value) = document["state"].get(part).filter(|v| !v.is_null()) {
-                    state.insert(part.into(), value.clone());
-                }
-            }
-            let mut event = self.event(Entity::Shadow, thing, now);
-            event.operation = Operation::Updated;
-            event.account_id = account.to_string();
-            event.version = document["version"].as_u64();
-            event.id =
-                format!("scan-shadow-{thing}-{}-{}", shadow.as_deref().unwrap_or(""), event.version.unwrap_or(0));
-            event.set_related(related::SHADOW_NAME, shadow);
-            event.document = Some(json!({ "state": state }).to_string());
-            events.push(event);
+            events.extend(self.shadow(thing, shadow, account, now).await?);
         }
         Ok(Some(events))
+    }
+
+    /// One shadow of `thing` (`None`: the classic one), as its last update;
+    /// `None` when there is no such shadow.
+    async fn shadow(
+        &self,
+        thing: &str,
+        shadow: Option<String>,
+        account: &str,
+        now: u64,
+    ) -> Result<Option<Event>, SourceError> {
+        let got = match limited!(
+            self,
+            "GetThingShadow",
+            self.clients.data.get_thing_shadow().thing_name(thing).set_shadow_name(shadow.clone())
+        ) {
+            Ok(got) => got,
+            // A thing without a classic shadow, or a shadow deleted since.
+            Err(e) if e.is(ErrorKind::NotFound) => return Ok(None),
+            Err(e) => return Err(self.error(&format!("reading the shadows of thing {thing}"), e)),
+        };
+        let document: Value = got.payload.and_then(|p| serde_json::from_slice(p.as_ref()).ok()).unwrap_or(Value::Null);
+        let mut state = Map::new();
+        for part in ["desired", "reported"] {
+            if let Some(value) = document["state"].get(part).filter(|v| !v.is_null()) {
+                state.insert(part.into(), value.clone());
+            }
+        }
+        let mut event = self.event(Entity::Shadow, thing, now);
+        event.operation = Operation::Updated;
+        event.account_id = account.to_string();
+        event.version = document["version"].as_u64();
+        event.id = format!("scan-shadow-{thing}-{}-{}", shadow.as_deref().unwrap_or(""), event.version.unwrap_or(0));
+        event.set_related(related::SHADOW_NAME, shadow);
+        event.document = Some(json!({ "state": state }).to_string());
+        Ok(Some(event))
     }
 }
 

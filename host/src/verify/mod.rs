@@ -65,30 +65,61 @@ impl Verification {
     }
 }
 
-/// Verifies every target of `config`.
+/// Which shadows of a target `verify` reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ShadowReads {
+    /// Every shadow of every thing (a listing and a read per thing, and a
+    /// read per named shadow): shadows only the target has are found.
+    All,
+    /// Only the shadows the source has, one read each: all a smart sync
+    /// needs, which writes what is missing or different and deletes nothing.
+    Expected,
+}
+
+/// Verifies every target of `config`. The source is read as a sync reads
+/// it (its events are what a repair sends), the targets in bulk.
 /// Each region's listing is counted on `progress`, when given.
 pub async fn verify(
     config: &config::Pipeline,
     pipeline: &mut Pipeline,
     limiter: Arc<Limiter>,
     progress: Option<&Progress>,
+    shadows: ShadowReads,
 ) -> Result<Verification, VerifyError> {
-    let scan = |clients: RegionClients, role: &str| {
-        let label = format!("{role} {}", clients.region);
-        let scan = RegistryScan::new(clients, limiter.clone(), None);
-        match progress {
-            Some(progress) => scan.with_progress(progress.listing(&label)),
-            None => scan,
-        }
+    let counted = |scan: RegistryScan, label: String| match progress {
+        Some(progress) => scan.with_progress(progress.listing(&label)),
+        None => scan,
     };
-    let source = scan(connect(config, &config.source_region).await?, "source");
+    let source = connect(config, &config.source_region).await?;
+    let label = format!("source {}", source.region);
+    let source = counted(RegistryScan::new(source, limiter.clone(), None), label);
     let mut targets = Vec::new();
     for region in &config.targets {
-        targets.push(scan(connect(config, region).await?, "target"));
+        let label = format!("target {region}");
+        let scan =
+            RegistryScan::comparing(connect(config, region).await?, limiter.clone(), shadows == ShadowReads::All);
+        targets.push(counted(scan, label));
     }
     let expected = expected(config, pipeline, source);
     let actual = futures_util::future::try_join_all(targets.into_iter().map(image_of));
-    let (expected, actual) = futures_util::future::try_join(expected, actual).await?;
+    let (mut expected, scanned) = futures_util::future::try_join(expected, actual).await?;
+    let mut actual = Vec::new();
+    for (region, (mut image, scan)) in config.targets.iter().zip(scanned) {
+        if shadows == ShadowReads::Expected {
+            let wanted = expected.regions.get(region).into_iter().flat_map(|image| image.of("shadows"));
+            let wanted = wanted
+                .map(|(entry, _)| image::shadow_of(entry))
+                .map(|(thing, shadow)| (thing.to_string(), shadow.map(str::to_string)));
+            for event in scan.read_shadows(wanted.collect()).await? {
+                image.fold(&event);
+            }
+        }
+        image.settle();
+        actual.push(image);
+    }
+    for image in expected.regions.values_mut() {
+        image.settle();
+    }
     if expected.failed > 0 {
         tracing::warn!("{} source entities failed a stage: they are missing in every target", expected.failed);
     }
@@ -149,13 +180,13 @@ async fn expected(
     Ok(expected)
 }
 
-/// A region as its own scan lists it.
-async fn image_of(mut scan: RegistryScan) -> Result<Image, VerifyError> {
+/// A region as its own scan lists it (and the scan, for further reads).
+async fn image_of(mut scan: RegistryScan) -> Result<(Image, RegistryScan), VerifyError> {
     let mut image = Image::default();
     while !scan.idle() {
         for record in scan.read(0).await?.records {
             image.fold(&decode_line(&record.text, "").expect("a scan event decodes"));
         }
     }
-    Ok(image)
+    Ok((image, scan))
 }
