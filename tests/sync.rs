@@ -195,4 +195,41 @@ async fn a_sync_with_a_query_copies_only_the_things_it_finds() {
         assert_eq!(source["things"][name], target["things"][name], "{name}");
     }
     assert_eq!(source["groups"], target["groups"]);
+
+    // A smart sync with the same query compares those things only: the
+    // others, never copied, are not missing; an edited one is repaired.
+    let again = sync(&moto, &test, &["--mode", "smart", "--query", "thingName:dev-000*"]);
+    assert_eq!(again["drifted"], 0, "{again}");
+    let iot = moto.iot(TARGET).await;
+    let attributes = aws_sdk_iot::types::AttributePayload::builder().attributes("site", "nowhere").merge(true).build();
+    iot.update_thing().thing_name("dev-0003").attribute_payload(attributes).send().await.unwrap();
+    let repaired = sync(&moto, &test, &["--mode", "smart", "--query", "thingName:dev-000*"]);
+    assert_eq!((&repaired["drifted"], &repaired["run"]["dead_letters"]), (&1.into(), &0.into()), "{repaired}");
+    let target = without_shadow_versions(region_state(&moto, TARGET).await);
+    assert_eq!(source["things"]["dev-0003"], target["things"]["dev-0003"]);
+}
+
+#[tokio::test]
+async fn a_sync_into_the_event_table_is_replicated_by_the_live_run() {
+    let moto = Moto::start();
+    seed(&moto, SOURCE, 40).await;
+    let iot = moto.iot(SOURCE).await;
+    let properties = aws_sdk_iot::types::BillingGroupProperties::builder().billing_group_description("premium").build();
+    iot.create_billing_group().billing_group_name("premium").billing_group_properties(properties).send().await.unwrap();
+    iot.add_thing_to_billing_group().billing_group_name("premium").thing_name("dev-0003").send().await.unwrap();
+    moto.event_table(SOURCE, "iotdr-events").await;
+    let test = Run::new(SOURCE, &moto.url, TARGET, &moto.url, &[], "");
+    test.read_stream("iotdr-events");
+
+    let copied = sync(&moto, &test, &["--into-table"]);
+    assert_eq!(copied["mode"], "into-table", "{copied}");
+    // Nothing is applied by the copy itself.
+    assert!(moto.iot(TARGET).await.list_things().send().await.unwrap().things.unwrap_or_default().is_empty());
+
+    // The live run reads the items from the stream, through its stages.
+    let summary = test.run(&moto);
+    assert_eq!(summary["run"]["dead_letters"], 0, "{summary} {:?}", test.dead_letters(&moto));
+    let source = region_state(&moto, SOURCE).await;
+    assert_eq!(source["things"].as_object().unwrap().len(), 40);
+    assert_same(&without_shadow_versions(source), &without_shadow_versions(region_state(&moto, TARGET).await));
 }

@@ -9,6 +9,7 @@ pub mod aws;
 pub mod config;
 pub mod context;
 pub mod event;
+pub mod into_table;
 pub mod order;
 pub mod pipeline;
 pub mod plan;

@@ -12,7 +12,7 @@ use iotdr::run::{Options, Reconcile, replay, run};
 use iotdr::sink::{AwsSink, DryRun};
 use iotdr::source::{AnySource, DynamodbStream, FileSource, MqttSource, RegistryScan};
 use iotdr::state::{DeadLetter, FolderLock, StateStore, Step};
-use iotdr::verify::ShadowReads;
+use iotdr::verify::Reads;
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -83,9 +83,14 @@ enum Command {
         /// (`thingName:pump*`, `attributes.site:lyon`), with their
         /// memberships, principals and shadows; needs fleet indexing on in
         /// the source region. Types, groups, policies and certificates are
-        /// copied whole.
+        /// copied whole. With `--mode smart`, only those things are compared.
         #[arg(long)]
         query: Option<String>,
+        /// Write what it lists into the event table of the pipeline's
+        /// `dynamodb-stream` source instead of applying it: `iotdr run`
+        /// then replicates it through its stages like any other event.
+        #[arg(long, conflicts_with_all = ["dry_run", "query"])]
+        into_table: bool,
     },
     /// Compares each target region with the source region passed through the
     /// pipeline's stages, entity by entity: things (attributes, type, groups,
@@ -303,13 +308,14 @@ async fn execute(cli: Cli) -> Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
-        Command::Sync { query: Some(_), mode: SyncMode::Smart, .. } => {
-            anyhow::bail!("--query works with --mode full only (a smart sync compares whole regions)")
+        Command::Sync { into_table: true, mode: SyncMode::Smart, .. } => {
+            anyhow::bail!("--into-table copies everything: it works with --mode full only")
         }
-        Command::Sync { pipeline, dry_run, from_start: _, mode: SyncMode::Smart, query: None } => {
-            smart_sync(&pipeline, dry_run, cli.cache_dir).await
+        Command::Sync { pipeline, from_start, into_table: true, .. } => sync_into_table(&pipeline, from_start).await,
+        Command::Sync { pipeline, dry_run, from_start: _, mode: SyncMode::Smart, query, .. } => {
+            smart_sync(&pipeline, dry_run, query, cli.cache_dir).await
         }
-        Command::Sync { pipeline, dry_run, from_start, mode: SyncMode::Full, query } => {
+        Command::Sync { pipeline, dry_run, from_start, mode: SyncMode::Full, query, .. } => {
             let mut config = PipelineConfig::load(&pipeline)?;
             if !dry_run {
                 iotdr::preflight::check(&config, query.as_deref()).await?;
@@ -521,20 +527,61 @@ fn report_dead_letters(count: u64, state: &StateStore, pipeline: &std::path::Pat
     }
 }
 
+/// `iotdr sync --into-table`: the source's registry written into the event
+/// table of the pipeline's `dynamodb-stream` source.
+async fn sync_into_table(pipeline: &std::path::Path, from_start: bool) -> Result<ExitCode> {
+    let config = PipelineConfig::load(pipeline)?;
+    let iotdr::config::Source::DynamodbStream { table, .. } = &config.source else {
+        anyhow::bail!(
+            "{}: --into-table writes into the event table of a `dynamodb-stream` source, and this pipeline's \
+             [source] is not one",
+            pipeline.display()
+        );
+    };
+    let limiter = Arc::new(Limiter::from_config(&config.apply));
+    let settings = config.regions.get(&config.source_region).cloned().unwrap_or_default();
+    let connect = |data_plane| RegionClients::connect(&config.source_region, &settings, data_plane);
+    let clients = connect(true)
+        .await
+        .map_err(|e| anyhow::anyhow!("connecting to the source region {}: {e}", config.source_region))?;
+    // The table is checked before anything is listed.
+    let event_table = iotdr::into_table::EventTable::open(clients.clone(), limiter.clone(), table)
+        .await
+        .context("the event table")?;
+    let _lock = FolderLock::take(&config.state_dir)?;
+    let state = StateStore::open(&config.state_dir)?;
+    let key = iotdr::into_table::checkpoint_key(&config.source_region, table);
+    if from_start {
+        state.remove_checkpoints(&key)?;
+    }
+    let mut scan = RegistryScan::new(clients, limiter, state.checkpoint(&key)?.as_deref())
+        .with_progress(Progress::for_stderr().listing(&format!("copy of {} into {table}", config.source_region)));
+    let written = iotdr::into_table::copy(&mut scan, &event_table, &state)
+        .await
+        .with_context(|| format!("copying {} into table {table}", config.source_region))?;
+    eprintln!("summary: {}", serde_json::json!({ "mode": "into-table", "table": table, "events": written }));
+    Ok(ExitCode::SUCCESS)
+}
+
 /// `iotdr sync --mode smart`: verify, then write only the drift (no deletions).
-async fn smart_sync(pipeline: &std::path::Path, dry_run: bool, cache_dir: Option<PathBuf>) -> Result<ExitCode> {
+async fn smart_sync(
+    pipeline: &std::path::Path,
+    dry_run: bool,
+    query: Option<String>,
+    cache_dir: Option<PathBuf>,
+) -> Result<ExitCode> {
     let config = PipelineConfig::load(pipeline)?;
     let engine = engine(cache_dir)?;
     let mut built = Pipeline::build(&config, &engine)?;
     let limiter = Arc::new(Limiter::from_config(&config.apply));
     let _lock = if dry_run { None } else { Some(FolderLock::take(&config.state_dir)?) };
     let state = Arc::new(if dry_run { StateStore::in_memory()? } else { StateStore::open(&config.state_dir)? });
-    iotdr::preflight::check(&config, None).await?;
+    iotdr::preflight::check(&config, query.as_deref()).await?;
+    let reads = Reads { query, ..Reads::expected() };
     let progress = Progress::for_stderr();
-    let verification =
-        iotdr::verify::verify(&config, &mut built, limiter.clone(), Some(&progress), ShadowReads::Expected)
-            .await
-            .with_context(|| format!("comparing the targets of {} with the source", pipeline.display()))?;
+    let verification = iotdr::verify::verify(&config, &mut built, limiter.clone(), Some(&progress), &reads)
+        .await
+        .with_context(|| format!("comparing the targets of {} with the source", pipeline.display()))?;
     let compared: usize = verification.reports.iter().flat_map(|r| r.kinds.values()).map(|k| k.equal + k.drift()).sum();
     let (summary, requests) = if dry_run {
         let stdout = std::io::stdout();
@@ -564,10 +611,9 @@ async fn verify(pipeline: &std::path::Path, json: bool, repair: bool, cache_dir:
     // A region that does not answer would otherwise be retried for hours.
     iotdr::preflight::check(&config, None).await?;
     let progress = Progress::for_stderr();
-    let mut verification =
-        iotdr::verify::verify(&config, &mut built, limiter.clone(), Some(&progress), ShadowReads::All)
-            .await
-            .with_context(context)?;
+    let mut verification = iotdr::verify::verify(&config, &mut built, limiter.clone(), Some(&progress), &Reads::all())
+        .await
+        .with_context(context)?;
     let mut repaired = None;
     if repair && verification.drift() > 0 {
         if !json {
@@ -584,7 +630,7 @@ async fn verify(pipeline: &std::path::Path, json: bool, repair: bool, cache_dir:
         report_dead_letters(done.summary.dead_letters, &state, pipeline);
         let before = std::mem::replace(
             &mut verification,
-            iotdr::verify::verify(&config, &mut built, limiter, Some(&progress), ShadowReads::All)
+            iotdr::verify::verify(&config, &mut built, limiter, Some(&progress), &Reads::all())
                 .await
                 .with_context(context)?,
         );

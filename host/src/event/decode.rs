@@ -43,6 +43,10 @@ pub fn decode_record(record: &Value, source_region: &str) -> Result<Event, Decod
         return decode_dynamodb_image(image, source_region);
     }
     if let Some(native) = object.get("event") {
+        // An item of the event table in DynamoDB's typed form (`sync --into-table`).
+        if native.as_object().is_some_and(|typed| typed.len() == 1 && typed.contains_key("M")) {
+            return decode_dynamodb_image(record, source_region);
+        }
         return decode_native(native, source_region);
     }
     match object.get("topic") {

@@ -14,7 +14,7 @@ use crate::config;
 use crate::pipeline::Pipeline;
 use crate::state::StateStore;
 use crate::state::queue::Ingested;
-use crate::verify::{ShadowReads, to_queue, verify};
+use crate::verify::{Reads, to_queue, verify};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{Mutex, Notify};
@@ -42,15 +42,15 @@ impl Reconcile {
                 tokio::time::sleep(poll).await;
             }
             let mut pipeline = self.pipeline.lock().await;
-            let verification =
-                match verify(config, &mut pipeline, self.limiter.clone(), None, ShadowReads::Expected).await {
-                    Ok(verification) => verification,
-                    // The source region may be down: that is what iotdr is for. Next period.
-                    Err(e) => {
-                        tracing::warn!("reconcile failed, tried again in {:?}: {e}", self.every);
-                        continue;
-                    }
-                };
+            let verification = match verify(config, &mut pipeline, self.limiter.clone(), None, &Reads::expected()).await
+            {
+                Ok(verification) => verification,
+                // The source region may be down: that is what iotdr is for. Next period.
+                Err(e) => {
+                    tracing::warn!("reconcile failed, tried again in {:?}: {e}", self.every);
+                    continue;
+                }
+            };
             let events = to_queue(&verification);
             if !events.is_empty() {
                 store.ingest(&Ingested { events: &events, ..Default::default() })?;

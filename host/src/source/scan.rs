@@ -31,8 +31,10 @@ use std::sync::Arc;
 
 /// Things described at once.
 const CONCURRENCY: usize = 16;
-/// Things per page (ListThings allows up to 250).
+/// Things per page when each is read whole (ListThings allows up to 250).
 const THINGS_PER_PAGE: i32 = 100;
+/// Entries per page of a listing read as it comes (the APIs' maximum).
+const LISTED_PER_PAGE: i32 = 250;
 /// How far before the read a page's events are stamped. Live events carry
 /// AWS's clock, these iotdr's: were iotdr's ahead, a change made just after
 /// the read would look older than it and be skipped as stale for good.
@@ -147,6 +149,10 @@ impl RegistryScan {
 
     fn comparing_mode(&self) -> bool {
         matches!(self.reading, Reading::Compare { .. })
+    }
+
+    fn things_per_page(&self) -> i32 {
+        if self.comparing_mode() { LISTED_PER_PAGE } else { THINGS_PER_PAGE }
     }
 
     /// Lists only the things fleet indexing finds for `query` (with their
@@ -292,14 +298,24 @@ impl RegistryScan {
                     let page = limited!(
                         self,
                         "ListThingsInBillingGroup",
-                        self.clients.iot.list_things_in_billing_group().billing_group_name(group).set_next_token(token)
+                        self.clients
+                            .iot
+                            .list_things_in_billing_group()
+                            .billing_group_name(group)
+                            .max_results(LISTED_PER_PAGE)
+                            .set_next_token(token)
                     );
                     page.map(|p| (p.things.unwrap_or_default(), p.next_token))
                 } else {
                     let page = limited!(
                         self,
                         "ListThingsInThingGroup",
-                        self.clients.iot.list_things_in_thing_group().thing_group_name(group).set_next_token(token)
+                        self.clients
+                            .iot
+                            .list_things_in_thing_group()
+                            .thing_group_name(group)
+                            .max_results(LISTED_PER_PAGE)
+                            .set_next_token(token)
                     );
                     page.map(|p| (p.things.unwrap_or_default(), p.next_token))
                 }
@@ -398,7 +414,12 @@ impl RegistryScan {
             let page = match limited!(
                 self,
                 "ListTargetsForPolicy",
-                self.clients.iot.list_targets_for_policy().policy_name(policy).set_marker(marker)
+                self.clients
+                    .iot
+                    .list_targets_for_policy()
+                    .policy_name(policy)
+                    .page_size(LISTED_PER_PAGE)
+                    .set_marker(marker)
             ) {
                 Ok(page) => page,
                 // Deleted since it was listed.
@@ -432,7 +453,12 @@ impl RegistryScan {
             let page = match limited!(
                 self,
                 "ListPrincipalThings",
-                self.clients.iot.list_principal_things().principal(&arn).set_next_token(token)
+                self.clients
+                    .iot
+                    .list_principal_things()
+                    .principal(&arn)
+                    .max_results(LISTED_PER_PAGE)
+                    .set_next_token(token)
             ) {
                 Ok(page) => page,
                 Err(e) if e.is(ErrorKind::NotFound) => return Ok(None),
@@ -459,9 +485,12 @@ impl RegistryScan {
     }
 
     async fn certificates(&self, now: u64) -> Result<(Vec<Event>, Option<String>), SourceError> {
-        let page =
-            limited!(self, "ListCertificates", self.clients.iot.list_certificates().set_marker(self.token.clone()))
-                .map_err(|e| self.error("listing certificates", e))?;
+        let page = limited!(
+            self,
+            "ListCertificates",
+            self.clients.iot.list_certificates().page_size(LISTED_PER_PAGE).set_marker(self.token.clone())
+        )
+        .map_err(|e| self.error("listing certificates", e))?;
         let listed = page.certificates.unwrap_or_default();
         let read = if self.comparing_mode() {
             futures_util::stream::iter(listed.into_iter().map(|listed| self.listed_certificate(listed, now)))
@@ -511,7 +540,11 @@ impl RegistryScan {
                 let page = limited!(
                     self,
                     "ListThings",
-                    self.clients.iot.list_things().max_results(THINGS_PER_PAGE).set_next_token(self.token.clone())
+                    self.clients
+                        .iot
+                        .list_things()
+                        .max_results(self.things_per_page())
+                        .set_next_token(self.token.clone())
                 )
                 .map_err(|e| self.error("listing things", e))?;
                 (page.things.unwrap_or_default(), page.next_token)
@@ -524,7 +557,7 @@ impl RegistryScan {
                         .iot
                         .search_index()
                         .query_string(query)
-                        .max_results(THINGS_PER_PAGE)
+                        .max_results(self.things_per_page())
                         .set_next_token(self.token.clone())
                 )
                 .map_err(|e| self.error(&format!("searching things for `{query}`"), e))?;

@@ -147,6 +147,16 @@ impl Image {
         }
     }
 
+    /// Keeps only the things in `names`, and their shadows.
+    pub fn keep_things(&mut self, names: &std::collections::BTreeSet<String>) {
+        if let Some(things) = self.kinds.get_mut("things") {
+            things.retain(|name, _| names.contains(name));
+        }
+        if let Some(shadows) = self.kinds.get_mut("shadows") {
+            shadows.retain(|entry, _| names.contains(shadow_of(entry).0));
+        }
+    }
+
     fn put(&mut self, kind: &'static str, name: String, fields: Value) {
         self.kinds.entry(kind).or_default().insert(name, fields);
     }

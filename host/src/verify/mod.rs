@@ -76,6 +76,28 @@ pub enum ShadowReads {
     Expected,
 }
 
+/// What a verification reads.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reads {
+    pub shadows: ShadowReads,
+    /// Only the things fleet indexing finds for this query in the source
+    /// (`sync --mode smart --query`): the targets' other things are not
+    /// compared, so none of them is reported extra.
+    pub query: Option<String>,
+}
+
+impl Reads {
+    /// Everything, every shadow of every thing: `iotdr verify`.
+    pub fn all() -> Reads {
+        Reads { shadows: ShadowReads::All, query: None }
+    }
+
+    /// What a smart sync or a reconcile needs: the shadows the source has.
+    pub fn expected() -> Reads {
+        Reads { shadows: ShadowReads::Expected, query: None }
+    }
+}
+
 /// Verifies every target of `config`. The source is read as a sync reads
 /// it (its events are what a repair sends), the targets in bulk.
 /// Each region's listing is counted on `progress`, when given.
@@ -84,15 +106,16 @@ pub async fn verify(
     pipeline: &mut Pipeline,
     limiter: Arc<Limiter>,
     progress: Option<&Progress>,
-    shadows: ShadowReads,
+    reads: &Reads,
 ) -> Result<Verification, VerifyError> {
+    let shadows = reads.shadows;
     let counted = |scan: RegistryScan, label: String| match progress {
         Some(progress) => scan.with_progress(progress.listing(&label)),
         None => scan,
     };
     let source = connect(config, &config.source_region).await?;
     let label = format!("source {}", source.region);
-    let source = counted(RegistryScan::new(source, limiter.clone(), None), label);
+    let source = counted(RegistryScan::new(source, limiter.clone(), None).with_query(reads.query.clone()), label);
     let mut targets = Vec::new();
     for region in &config.targets {
         let label = format!("target {region}");
@@ -113,6 +136,10 @@ pub async fn verify(
             for event in scan.read_shadows(wanted.collect()).await? {
                 image.fold(&event);
             }
+        }
+        if reads.query.is_some() {
+            let found = expected.regions.get(region).into_iter().flat_map(|image| image.of("things"));
+            image.keep_things(&found.map(|(name, _)| name.clone()).collect());
         }
         image.settle();
         actual.push(image);
