@@ -24,9 +24,9 @@ pub enum PlanError {
     #[error("{entity} document is not a JSON object: {problem}")]
     BadDocument { entity: Entity, problem: String },
     #[error(
-        "thing group {0} is dynamic: iotdr does not replicate dynamic groups (their query) yet; \
-         create or update it in the target with CreateDynamicThingGroup / UpdateDynamicThingGroup, \
-         then purge this letter"
+        "thing group {0} is dynamic and its query was not read from the source (a dry run without \
+         --fetch, or the group was deleted there since): replay this letter once the source answers, \
+         or purge it"
     )]
     DynamicGroup(String),
 }
@@ -98,9 +98,19 @@ pub fn plan(event: &Event, region: &str) -> Result<Vec<Call>, PlanError> {
         (E::ThingTypeAssociation, O::Removed) => {
             vec![call("UpdateThing", json!({ "thingName": name, "removeThingType": true }))]
         }
-        // Created as a plain group it would never fill itself: refuse, visibly.
+        // Its query, read from the source, fills it in each region. Created
+        // as a plain group it would never fill itself: without the query, refuse.
         (E::ThingGroup, O::Created | O::Updated) if is_dynamic_group(event) => {
-            return Err(PlanError::DynamicGroup(name.to_string()));
+            let properties = document(event)?;
+            let query = properties.get("queryString").and_then(Value::as_str);
+            let query = query.ok_or_else(|| PlanError::DynamicGroup(name.to_string()))?;
+            let mut input = json!({ "thingGroupName": name, "queryString": query, "thingGroupProperties": group_properties(event, true)? });
+            for field in ["indexName", "queryVersion"] {
+                if let Some(value) = properties.get(field).filter(|v| v.is_string()) {
+                    input[field] = value.clone();
+                }
+            }
+            vec![call("CreateDynamicThingGroup", input)]
         }
         (E::ThingGroup, O::Deleted) if is_dynamic_group(event) => {
             vec![call("DeleteDynamicThingGroup", json!({ "thingGroupName": name }))]
@@ -240,6 +250,14 @@ fn principal_calls(event: &Event, region: &str) -> Vec<Call> {
         .collect()
 }
 
+/// A dynamic group's event without its query (live events carry none).
+pub fn lacks_dynamic_query(event: &Event) -> bool {
+    event.entity == Entity::ThingGroup
+        && matches!(event.operation, Operation::Created | Operation::Updated)
+        && is_dynamic_group(event)
+        && optional_document(event).is_ok_and(|d| d.get("queryString").is_none_or(|q| !q.is_string()))
+}
+
 fn is_dynamic_group(event: &Event) -> bool {
     event.document.as_deref().and_then(|d| serde_json::from_str::<Value>(d).ok()).is_some_and(|d| d["dynamic"] == true)
 }
@@ -285,12 +303,24 @@ mod tests {
     }
 
     #[test]
-    fn dynamic_groups_are_refused_with_what_to_do() {
+    fn dynamic_groups_are_created_with_their_query_and_refused_without() {
         let mut group = Event::new(Entity::ThingGroup, Operation::Created, "online-pumps");
         group.document = Some(r#"{"dynamic":true}"#.into());
+        assert!(lacks_dynamic_query(&group));
         let error = plan(&group, "eu-west-1").unwrap_err();
         assert_eq!(error, PlanError::DynamicGroup("online-pumps".into()));
-        assert!(error.to_string().contains("CreateDynamicThingGroup"), "{error}");
+        assert!(error.to_string().contains("query was not read"), "{error}");
+        let mut complete = group.clone();
+        complete.document = Some(
+            r#"{"dynamic":true,"queryString":"attributes.site:lyon","indexName":"AWS_Things","queryVersion":null}"#
+                .into(),
+        );
+        assert!(!lacks_dynamic_query(&complete));
+        let calls = plan(&complete, "eu-west-1").unwrap();
+        assert_eq!(calls[0].operation, "CreateDynamicThingGroup");
+        assert_eq!(calls[0].input["queryString"], "attributes.site:lyon");
+        assert_eq!(calls[0].input["indexName"], "AWS_Things");
+        assert!(calls[0].input.get("queryVersion").is_none());
         let mut deleted = group.clone();
         deleted.operation = Operation::Deleted;
         assert_eq!(plan(&deleted, "eu-west-1").unwrap()[0].operation, "DeleteDynamicThingGroup");

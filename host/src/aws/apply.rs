@@ -354,6 +354,44 @@ impl Applier {
                     other => other.map(drop),
                 }
             }
+            "CreateDynamicThingGroup" => {
+                let group = text(call, "thingGroupName")?;
+                let query = text(call, "queryString")?;
+                let index = optional_text(call, "indexName").map(str::to_string);
+                let version = optional_text(call, "queryVersion").map(str::to_string);
+                let properties = group_properties(call);
+                let created = send!(
+                    self,
+                    region,
+                    "CreateDynamicThingGroup",
+                    c.iot
+                        .create_dynamic_thing_group()
+                        .thing_group_name(group)
+                        .query_string(query)
+                        .set_index_name(index.clone())
+                        .set_query_version(version.clone())
+                        .thing_group_properties(properties.clone())
+                );
+                match created {
+                    // There already: its query and properties become the source's.
+                    Err(e) if is(&e, ErrorKind::AlreadyExists) => send!(
+                        self,
+                        region,
+                        "UpdateDynamicThingGroup",
+                        c.iot
+                            .update_dynamic_thing_group()
+                            .thing_group_name(group)
+                            .query_string(query)
+                            .set_index_name(index)
+                            .set_query_version(version)
+                            .thing_group_properties(properties)
+                    )
+                    .map(drop),
+                    other => other.map(drop),
+                }?;
+                self.state.set_known(region, known::THING_GROUP, group, "1")?;
+                Ok(())
+            }
             "DeleteDynamicThingGroup" => {
                 let group = text(call, "thingGroupName")?;
                 ok_if_not_found(

@@ -256,6 +256,27 @@ impl SourceFetcher {
                 before.push(event);
                 Ok(before)
             }
+            // A dynamic group's live event carries no query: read it.
+            (Entity::ThingGroup, _) => {
+                let name = event.name.clone();
+                let described = match limited!(
+                    self,
+                    "DescribeThingGroup",
+                    self.clients.iot.describe_thing_group().thing_group_name(&name)
+                ) {
+                    Ok(described) => described,
+                    // Deleted since: its deletion has an event; planned without a query, it waits as a letter.
+                    Err(e) if e.is(ErrorKind::NotFound) => return Ok(vec![event]),
+                    Err(e) => return Err(fail(event, "reading the dynamic group's query", e)),
+                };
+                let mut document: serde_json::Map<String, serde_json::Value> =
+                    event.document.as_deref().and_then(|d| serde_json::from_str(d).ok()).unwrap_or_default();
+                document.insert("queryString".into(), described.query_string.into());
+                document.insert("indexName".into(), described.index_name.into());
+                document.insert("queryVersion".into(), described.query_version.into());
+                event.document = Some(serde_json::Value::Object(document).to_string());
+                Ok(vec![event])
+            }
             _ => Ok(vec![event]),
         }
     }
@@ -385,6 +406,7 @@ fn reads_needed(events: &[Event], answered: &(dyn Fn(&Event) -> bool + Sync)) ->
                 !deleted_later.contains(event.name.as_str()) && !answered(event)
             }
             (Entity::Certificate, Operation::Created) => !carries_pem(event) && !answered(event),
+            (Entity::ThingGroup, _) => crate::plan::lacks_dynamic_query(event),
             _ => false,
         };
     }

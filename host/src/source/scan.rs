@@ -250,8 +250,11 @@ impl RegistryScan {
                 event.attributes =
                     properties.attribute_payload.and_then(|p| p.attributes).unwrap_or_default().into_iter().collect();
             }
-            if group.query_string.is_some() {
+            if let Some(query) = group.query_string {
                 document.insert("dynamic".into(), true.into());
+                document.insert("queryString".into(), query.into());
+                document.insert("indexName".into(), group.index_name.into());
+                document.insert("queryVersion".into(), group.query_version.into());
             }
             event.document = Some(Value::Object(document).to_string());
             let parent = group.thing_group_metadata.and_then(|m| m.parent_group_name);

@@ -71,6 +71,7 @@ impl Image {
                     json!({
                         "description": fields.get("description"),
                         "dynamic": fields.get("dynamic").and_then(Value::as_bool).unwrap_or(false),
+                        "query": fields.get("queryString"),
                         "parent": event.related(related::PARENT_GROUP),
                         "attributes": event.attributes,
                     }),
