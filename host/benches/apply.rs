@@ -4,13 +4,9 @@
 //!
 //!   cargo bench -p iotdr --bench apply            (needs scripts/moto.sh install; builds nothing else)
 
-// The tests' fleet generator and moto harness, shared rather than copied.
 #[allow(dead_code)]
-#[path = "../../tests/common/fleet.rs"]
-mod fleet;
-#[allow(dead_code)]
-#[path = "../../tests/common/moto.rs"]
-mod moto;
+mod common;
+use common::{fleet, moto};
 
 use iotdr::aws::{Limiter, SourceFetcher};
 use iotdr::config::Pipeline as PipelineConfig;
@@ -20,7 +16,6 @@ use iotdr::run::{Options, run};
 use iotdr::sink::AwsSink;
 use iotdr::source::FileSource;
 use iotdr::state::StateStore;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -31,17 +26,8 @@ const THINGS: usize = 300;
 const CONCURRENCY: usize = 16;
 const CEILING_CALLS: usize = 1500;
 
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace").to_path_buf()
-}
-
 fn main() {
-    // SAFETY: set before any thread starts; the SDK's credential chain reads them.
-    unsafe {
-        std::env::set_var("AWS_ACCESS_KEY_ID", "testing");
-        std::env::set_var("AWS_SECRET_ACCESS_KEY", "testing");
-        std::env::set_var("AWS_EC2_METADATA_DISABLED", "true");
-    }
+    common::use_test_credentials();
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     let moto = moto::Moto::start();
     let fleet = runtime.block_on(fleet::seed(&moto, "us-east-1", THINGS));

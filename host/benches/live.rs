@@ -19,8 +19,8 @@
 //! IOTDR_BENCH_RSS_BACKLOG change the sizes.
 
 #[allow(dead_code)]
-#[path = "../../tests/common/moto.rs"]
-mod moto;
+mod common;
+use common::moto;
 
 use aws_sdk_dynamodb::types::{AttributeValue, PutRequest, WriteRequest};
 use futures_util::StreamExt;
@@ -45,11 +45,6 @@ const SOURCE: &str = "us-east-1";
 const TARGET: &str = "eu-west-1";
 const THINGS: usize = 500;
 const CONCURRENCY: usize = 16;
-
-/// The workspace root (the moto harness finds its script from it).
-fn root() -> std::path::PathBuf {
-    std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace").to_path_buf()
-}
 
 fn setting(name: &str, default: u64) -> u64 {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
@@ -172,12 +167,7 @@ fn percentile(sorted: &[u64], p: f64) -> u64 {
 }
 
 fn main() {
-    // SAFETY: set before any thread starts; the SDK's credential chain reads them.
-    unsafe {
-        std::env::set_var("AWS_ACCESS_KEY_ID", "testing");
-        std::env::set_var("AWS_SECRET_ACCESS_KEY", "testing");
-        std::env::set_var("AWS_EC2_METADATA_DISABLED", "true");
-    }
+    common::use_test_credentials();
     let rate = setting("IOTDR_BENCH_RATE", 200);
     let seconds = setting("IOTDR_BENCH_SECONDS", 60);
     let backlog = setting("IOTDR_BENCH_BACKLOG", 5_000) as usize;

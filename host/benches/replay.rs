@@ -8,13 +8,9 @@
 //! The source and the target region are two moto servers, so that neither
 //! emulator's own request ceiling is what is measured.
 
-// The tests' fleet generator and moto harness, shared rather than copied.
 #[allow(dead_code)]
-#[path = "../../tests/common/fleet.rs"]
-mod fleet;
-#[allow(dead_code)]
-#[path = "../../tests/common/moto.rs"]
-mod moto;
+mod common;
+use common::{fleet, moto};
 
 use iotdr::aws::{Limiter, SourceFetcher};
 use iotdr::config::Pipeline as PipelineConfig;
@@ -34,18 +30,8 @@ const THINGS: usize = 1500;
 const SOURCE: &str = "us-east-1";
 const TARGET: &str = "eu-west-1";
 
-/// The workspace root (the moto harness finds its script from it).
-fn root() -> std::path::PathBuf {
-    std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace").to_path_buf()
-}
-
 fn main() {
-    // SAFETY: set before any thread starts; the SDK's credential chain reads them.
-    unsafe {
-        std::env::set_var("AWS_ACCESS_KEY_ID", "testing");
-        std::env::set_var("AWS_SECRET_ACCESS_KEY", "testing");
-        std::env::set_var("AWS_EC2_METADATA_DISABLED", "true");
-    }
+    common::use_test_credentials();
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     let source_moto = moto::Moto::start();
     let target_moto = moto::Moto::start();

@@ -13,11 +13,8 @@
 //!   IOTDR_BENCH_THINGS=500 cargo bench -p iotdr --bench sync     (a smaller fleet)
 
 #[allow(dead_code)]
-#[path = "../../tests/common/fleet.rs"]
-mod fleet;
-#[allow(dead_code)]
-#[path = "../../tests/common/moto.rs"]
-mod moto;
+mod common;
+use common::{fleet, moto};
 
 use iotdr::aws::{Limiter, RegionClients, RetryPolicy};
 use iotdr::config::Pipeline as PipelineConfig;
@@ -40,17 +37,8 @@ const TARGET: &str = "eu-west-1";
 const CONCURRENCY: usize = 16;
 const CEILING_CALLS: usize = 2000;
 
-fn root() -> std::path::PathBuf {
-    std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace").to_path_buf()
-}
-
 fn main() {
-    // SAFETY: set before any thread starts; the SDK's credential chain reads them.
-    unsafe {
-        std::env::set_var("AWS_ACCESS_KEY_ID", "testing");
-        std::env::set_var("AWS_SECRET_ACCESS_KEY", "testing");
-        std::env::set_var("AWS_EC2_METADATA_DISABLED", "true");
-    }
+    common::use_test_credentials();
     let things: usize = std::env::var("IOTDR_BENCH_THINGS").ok().and_then(|n| n.parse().ok()).unwrap_or(2000);
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     let moto = moto::Moto::start();
