@@ -87,6 +87,59 @@ fn validate_reports_a_stage_config_the_plug_in_rejects() {
 }
 
 #[test]
+fn the_shipped_pipelines_pass_their_own_tests() {
+    let root = common::root();
+    common::plugin("attribute-filter");
+    for pipeline in ["pipelines/demo.toml", "pipelines/replicate.toml"] {
+        let out = Command::new(env!("CARGO_BIN_EXE_iotdr"))
+            .args(["test", pipeline])
+            .current_dir(&root)
+            .env("IOTDR_CACHE_DIR", common::cache_dir())
+            .env("IOTDR_EVENTS", "../examples/events/demo.jsonl")
+            .env("IOTDR_ENDPOINT", "http://127.0.0.1:9")
+            .output()
+            .unwrap();
+        let stdout = text(&out.stdout);
+        assert!(out.status.success(), "{pipeline}: {stdout}{}", text(&out.stderr));
+        assert!(stdout.contains(" passed, 0 failed") && !stdout.starts_with("0 passed"), "{pipeline}: {stdout}");
+    }
+}
+
+/// A test whose expectation the pipeline does not meet: `iotdr test` names
+/// the test and what differs, and exits 1; `iotdr validate` refuses the file.
+#[test]
+fn a_failing_pipeline_test_is_reported_with_what_differs() {
+    let dir = tempfile::tempdir().unwrap();
+    let wrong = r#"
+[[tests]]
+name = "globex goes everywhere"
+input = ['{"topic":"$aws/events/thing/c-2/created","payload":{"eventType":"THING_EVENT","eventId":"x","timestamp":1,"operation":"CREATED","accountId":"123456789012","thingName":"c-2","versionNumber":1,"attributes":{"customer":"globex","fw":"1"}}}']
+targets = ["eu-west-1", "eu-central-1"]
+attributes = { fw = "1" }
+"#;
+    let path = demo_pipeline_in(dir.path(), |t| t + wrong);
+    let out = iotdr(&["test", path.to_str().unwrap()], dir.path());
+    assert_eq!(out.status.code(), Some(1));
+    let stdout = text(&out.stdout);
+    assert!(stdout.contains("ok    globex's devices go to eu-west-1 only"), "{stdout}");
+    assert!(stdout.contains("FAIL  globex goes everywhere"), "{stdout}");
+    assert!(stdout.contains(r#"targets: expected ["eu-central-1", "eu-west-1"], got ["eu-west-1"]"#), "{stdout}");
+    assert!(stdout.contains(r#"attributes.fw: expected "1", but it is absent"#), "{stdout}");
+    assert!(stdout.contains("3 passed, 1 failed"), "{stdout}");
+    let out = iotdr(&["validate", path.to_str().unwrap()], dir.path());
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out.stderr).contains("its tests fail"), "{}", text(&out.stderr));
+
+    // A test checked after a stage the pipeline does not have: named where it is written.
+    let path = demo_pipeline_in(dir.path(), |t| t + &wrong.replace("targets =", "after = \"routing\"\ntargets ="));
+    let out = iotdr(&["test", path.to_str().unwrap()], dir.path());
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = text(&out.stderr);
+    assert!(stderr.contains("no stage `routing` (stages: skip-test-devices, tidy-attributes"), "{stderr}");
+    assert!(stderr.contains(&format!("{}:", path.display())), "{stderr}");
+}
+
+#[test]
 fn a_dry_run_of_the_demo_prints_one_planned_call_per_line() {
     let root = common::root();
     common::plugin("attribute-filter");

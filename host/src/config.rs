@@ -61,6 +61,66 @@ pub struct Pipeline {
     /// the drift (`[reconcile] every`); `None`: never.
     pub reconcile_every: Option<Duration>,
     pub state_dir: PathBuf,
+    /// The file's `[[tests]]` (`iotdr test`, `iotdr validate`).
+    pub tests: Vec<PipelineTest>,
+}
+
+/// One `[[tests]]` of a pipeline file: records in, what must come out.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PipelineTest {
+    pub name: String,
+    /// Where it is in the file (`line:column`), for reports.
+    pub place: String,
+    /// Records given inline, one per string, in any form the decoder accepts.
+    pub input: Vec<String>,
+    /// A JSON-lines file of records (read when the test runs).
+    pub input_file: Option<PathBuf>,
+    /// Checked after this stage instead of after the whole pipeline.
+    pub after: Option<String>,
+    pub expect: Expected,
+}
+
+/// What a pipeline test expects of the events that come out.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Expected {
+    pub outcome: Outcome,
+    /// How many events come out (a split makes several).
+    pub count: Option<usize>,
+    /// What every event has.
+    pub every: EventExpect,
+    /// What each event has, in order (`[[tests.events]]`); when given, as
+    /// many events must come out.
+    pub each: Vec<EventExpect>,
+}
+
+/// What one event that comes out of a pipeline test must have.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct EventExpect {
+    /// The target regions (in any order).
+    pub targets: Option<Vec<String>>,
+    /// The entity name (after a rename).
+    pub event_name: Option<String>,
+    /// Attributes it has, with these values.
+    pub attributes: BTreeMap<String, String>,
+    /// Attributes it does not have.
+    pub absent_attributes: Vec<String>,
+    /// Its document, compared as JSON (a mapped policy).
+    pub document: Option<serde_json::Value>,
+    /// Related names it carries (`policy`, `thing-group`, ...).
+    pub related: BTreeMap<String, String>,
+}
+
+/// What becomes of a test's input.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Outcome {
+    /// At least one event comes out, and none failed.
+    #[default]
+    Kept,
+    /// Every input is dropped by a stage on purpose.
+    Dropped,
+    /// A stage fails on an input (a dead letter, or a halt).
+    Failed,
 }
 
 /// How records become queued events (`[ingest]`).
@@ -185,6 +245,40 @@ struct RawFile {
     reconcile: RawReconcile,
     #[serde(default)]
     state: RawState,
+    #[serde(default)]
+    tests: Vec<Spanned<RawTest>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTest {
+    name: Spanned<String>,
+    #[serde(default)]
+    input: Vec<String>,
+    input_file: Option<Spanned<String>>,
+    after: Option<Spanned<String>>,
+    #[serde(default)]
+    expect: Outcome,
+    count: Option<usize>,
+    #[serde(flatten)]
+    every: RawEventExpect,
+    #[serde(default)]
+    events: Vec<RawEventExpect>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawEventExpect {
+    targets: Option<Vec<String>>,
+    event_name: Option<String>,
+    #[serde(default)]
+    attributes: BTreeMap<String, String>,
+    #[serde(default)]
+    absent_attributes: Vec<String>,
+    // Not `Spanned`: a flattened table loses the spans (errors name the test).
+    document: Option<String>,
+    #[serde(default)]
+    related: BTreeMap<String, String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -438,6 +532,62 @@ impl Pipeline {
             stages.push(Stage { name: name.clone(), plugin, config_json, limits, on_error: stage.on_error });
         }
 
+        let mut tests = Vec::new();
+        for test in raw.tests {
+            let span = test.span();
+            let test = test.into_inner();
+            let (line, column) = line_column(original, original_offset(&substitutions, test.name.span().start));
+            if test.input.is_empty() && test.input_file.is_none() {
+                return Err(at(span, format!("test `{}` has no `input` and no `input_file`", test.name.get_ref())));
+            }
+            if let Some(after) = &test.after
+                && !stages.iter().any(|s| &s.name == after.get_ref())
+            {
+                let known: Vec<&str> = stages.iter().map(|s| s.name.as_str()).collect();
+                return Err(at(
+                    after.span(),
+                    format!(
+                        "test `{}`: no stage `{}` (stages: {})",
+                        test.name.get_ref(),
+                        after.get_ref(),
+                        known.join(", ")
+                    ),
+                ));
+            }
+            let name = test.name.get_ref();
+            let expectation = |raw: RawEventExpect| -> Result<EventExpect, ConfigError> {
+                let document = match &raw.document {
+                    None => None,
+                    Some(text) => Some(
+                        serde_json::from_str(text)
+                            .map_err(|e| at(test.name.span(), format!("test `{name}`: `document` is not JSON: {e}")))?,
+                    ),
+                };
+                Ok(EventExpect {
+                    targets: raw.targets,
+                    event_name: raw.event_name,
+                    attributes: raw.attributes,
+                    absent_attributes: raw.absent_attributes,
+                    document,
+                    related: raw.related,
+                })
+            };
+            let expect = Expected {
+                outcome: test.expect,
+                count: test.count,
+                every: expectation(test.every)?,
+                each: test.events.into_iter().map(expectation).collect::<Result<_, _>>()?,
+            };
+            tests.push(PipelineTest {
+                place: format!("{line}:{column}"),
+                input: test.input,
+                input_file: test.input_file.map(|path| base.join(path.get_ref())),
+                after: test.after.map(Spanned::into_inner),
+                expect,
+                name: test.name.into_inner(),
+            });
+        }
+
         let mut raw_apply = raw.apply;
         let replicate = match raw_apply.replicate.take() {
             None => Entity::ALL.to_vec(),
@@ -472,6 +622,7 @@ impl Pipeline {
                 }
             },
             state_dir: base.join(raw.state.dir.as_deref().unwrap_or(".iotdr-state")),
+            tests,
         })
     }
 }

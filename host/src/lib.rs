@@ -12,6 +12,7 @@ pub mod event;
 pub mod into_table;
 pub mod order;
 pub mod pipeline;
+pub mod pipeline_tests;
 pub mod plan;
 pub mod plugin;
 pub mod preflight;

@@ -38,8 +38,12 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Checks a pipeline file and its plug-ins (each plug-in is loaded and given its config).
+    /// Checks a pipeline file and its plug-ins (each plug-in is loaded and given its config),
+    /// and runs its `[[tests]]`.
     Validate { pipeline: PathBuf },
+    /// Runs the pipeline file's `[[tests]]` with the real plug-ins and prints
+    /// each result, with what differs on a failure (exit 1 when one fails).
+    Test { pipeline: PathBuf },
     /// Runs a pipeline.
     Run {
         pipeline: PathBuf,
@@ -306,7 +310,28 @@ async fn execute(cli: Cli) -> Result<ExitCode> {
                 config.targets.join(", "),
                 if stages.is_empty() { "none".to_string() } else { stages.join(" → ") }
             );
-            Ok(ExitCode::SUCCESS)
+            // A pipeline whose own tests fail is not valid.
+            let results = iotdr::pipeline_tests::run_all(&config, &engine)?;
+            if results.iter().all(|r| r.passed()) {
+                if !results.is_empty() {
+                    println!("{}: its {} test(s) pass", pipeline.display(), results.len());
+                }
+                Ok(ExitCode::SUCCESS)
+            } else {
+                print!("{}", iotdr::pipeline_tests::render(&results));
+                eprintln!("error: {}: its tests fail (see above)", pipeline.display());
+                Ok(ExitCode::from(1))
+            }
+        }
+        Command::Test { pipeline } => {
+            let config = PipelineConfig::load(&pipeline)?;
+            let engine = engine(cli.cache_dir)?;
+            let results = iotdr::pipeline_tests::run_all(&config, &engine)?;
+            if results.is_empty() {
+                eprintln!("{}: no [[tests]] in this pipeline", pipeline.display());
+            }
+            print!("{}", iotdr::pipeline_tests::render(&results));
+            Ok(if results.iter().all(|r| r.passed()) { ExitCode::SUCCESS } else { ExitCode::from(1) })
         }
         Command::Sync { into_table: true, mode: SyncMode::Smart, .. } => {
             anyhow::bail!("--into-table copies everything: it works with --mode full only")

@@ -6,6 +6,7 @@ use crate::event::Event;
 use crate::plugin::{Fate, LoadError, PluginEngine, StageRunner, StartError};
 use crate::state::{DeadLetter, Step};
 use std::collections::HashMap;
+use std::ops::Range;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -102,14 +103,21 @@ impl Pipeline {
     /// Runs a batch through the stages from `first` on (a replayed dead
     /// letter re-enters at the stage that failed it; past the last stage, no
     /// stage runs).
-    pub fn process_from(&mut self, first: usize, mut events: Vec<Event>) -> Result<Processed, Halted> {
+    pub fn process_from(&mut self, first: usize, events: Vec<Event>) -> Result<Processed, Halted> {
+        self.process_stages(first..self.stages.len(), events)
+    }
+
+    /// Runs a batch through the stages in `stages` only (a pipeline test
+    /// that checks what comes out of a named stage).
+    pub fn process_stages(&mut self, stages: Range<usize>, mut events: Vec<Event>) -> Result<Processed, Halted> {
         for event in &mut events {
             if event.targets.is_empty() {
                 event.targets = self.targets.clone();
             }
         }
         let mut processed = Processed::default();
-        for stage in self.stages.iter_mut().skip(first) {
+        let end = stages.end.min(self.stages.len());
+        for stage in self.stages.iter_mut().take(end).skip(stages.start) {
             if events.is_empty() {
                 break;
             }
