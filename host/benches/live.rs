@@ -200,6 +200,7 @@ fn main() {
             recheck_after: config.ingest.recheck_after,
             queue_limit: config.ingest.queue_limit,
             reconcile: None,
+            reload: None,
         };
         let total = (rate * seconds) as usize;
         let writer = async {
@@ -266,6 +267,7 @@ fn main() {
             recheck_after: config.ingest.recheck_after,
             queue_limit: config.ingest.queue_limit,
             reconcile: None,
+            reload: None,
         };
         let started = Instant::now();
         let summary = run(&config, &state, &mut source, Some(&fetcher), &mut pipeline, &mut sink, &options, &|_| {})

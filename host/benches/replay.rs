@@ -71,6 +71,7 @@ path = "events.jsonl"
         recheck_after: None,
         queue_limit: config.ingest.queue_limit,
         reconcile: None,
+        reload: None,
     };
     let started = Instant::now();
     let summary = runtime

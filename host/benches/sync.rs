@@ -84,6 +84,7 @@ rate_limits = {{ "*" = 100000.0 }}
         recheck_after: None,
         queue_limit: config.ingest.queue_limit,
         reconcile: None,
+        reload: None,
     };
     let started = Instant::now();
     let summary =

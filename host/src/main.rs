@@ -8,7 +8,7 @@ use iotdr::event::{Event, decode_line};
 use iotdr::pipeline::Pipeline;
 use iotdr::plugin::{Fate, PluginEngine, StageLimits, StageRunner};
 use iotdr::progress::Progress;
-use iotdr::run::{Options, Reconcile, replay, run};
+use iotdr::run::{Options, Reconcile, Reload, replay, run};
 use iotdr::sink::{AwsSink, DryRun};
 use iotdr::source::{AnySource, DynamodbStream, FileSource, MqttSource, RegistryScan};
 use iotdr::state::{DeadLetter, FolderLock, StateStore, Step};
@@ -473,7 +473,7 @@ async fn run_pipeline(
     cache_dir: Option<PathBuf>,
 ) -> Result<ExitCode> {
     let RunFlags { dry_run, until_idle, fetch, from_start, idle_after, ref scan_query } = flags;
-    let engine = engine(cache_dir)?;
+    let engine = engine(cache_dir.clone())?;
     let mut built = Pipeline::build(&config, &engine)?;
     // One limiter for the run: one bucket per region and operation,
     // the source region's reads and the targets' writes alike.
@@ -510,6 +510,8 @@ async fn run_pipeline(
         recheck_after: if dry_run { None } else { config.ingest.recheck_after },
         queue_limit: config.ingest.queue_limit,
         reconcile,
+        // A run swaps in changes of its files (a sync lists once: never).
+        reload: if !dry_run && !scan { Some(Reload::new(config.clone(), self::engine(cache_dir)?)) } else { None },
     };
     if dry_run {
         let stdout = std::io::stdout();

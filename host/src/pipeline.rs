@@ -49,9 +49,17 @@ pub struct Processed {
     pub skipped: usize,
 }
 
-struct RunningStage {
+/// A started stage: its plug-in instance and its error policy.
+pub struct RunningStage {
     runner: StageRunner,
     on_error: OnError,
+}
+
+/// A stage of the next version of a pipeline (a hot swap): built and
+/// started off to the side, or kept running from the current version.
+pub enum NextStage {
+    Built(RunningStage),
+    Kept(String),
 }
 
 pub struct Pipeline {
@@ -65,19 +73,55 @@ impl Pipeline {
         let mut loaded: HashMap<PathBuf, Arc<crate::plugin::Plugin>> = HashMap::new();
         let mut stages = Vec::new();
         for stage in &config.stages {
-            let plugin = match loaded.get(&stage.plugin) {
-                Some(plugin) => plugin.clone(),
-                None => {
-                    let plugin = Arc::new(engine.load(&stage.plugin)?);
-                    loaded.insert(stage.plugin.clone(), plugin.clone());
-                    plugin
-                }
-            };
-            let runner = StageRunner::start(&stage.name, plugin, stage.config_json.clone(), stage.limits.clone())
-                .map_err(|reason| BuildError::Start { file: config.file.clone(), stage: stage.name.clone(), reason })?;
-            stages.push(RunningStage { runner, on_error: stage.on_error });
+            stages.push(Self::start_stage(config, stage, engine, &mut loaded)?);
         }
         Ok(Pipeline { targets: config.targets.clone(), stages })
+    }
+
+    /// Compiles (or loads from cache) `stage`'s plug-in and starts it, off
+    /// to the side of any running pipeline.
+    pub fn build_stage(
+        config: &config::Pipeline,
+        stage: &config::Stage,
+        engine: &PluginEngine,
+    ) -> Result<RunningStage, BuildError> {
+        Self::start_stage(config, stage, engine, &mut HashMap::new())
+    }
+
+    fn start_stage(
+        config: &config::Pipeline,
+        stage: &config::Stage,
+        engine: &PluginEngine,
+        loaded: &mut HashMap<PathBuf, Arc<crate::plugin::Plugin>>,
+    ) -> Result<RunningStage, BuildError> {
+        let plugin = match loaded.get(&stage.plugin) {
+            Some(plugin) => plugin.clone(),
+            None => {
+                let plugin = Arc::new(engine.load(&stage.plugin)?);
+                loaded.insert(stage.plugin.clone(), plugin.clone());
+                plugin
+            }
+        };
+        let runner = StageRunner::start(&stage.name, plugin, stage.config_json.clone(), stage.limits.clone())
+            .map_err(|reason| BuildError::Start { file: config.file.clone(), stage: stage.name.clone(), reason })?;
+        Ok(RunningStage { runner, on_error: stage.on_error })
+    }
+
+    /// Becomes the next version: its stages in order, the kept ones moved
+    /// from this version (their instances and counters go on). Called
+    /// between batches.
+    pub fn swap(&mut self, next: Vec<NextStage>) {
+        let mut current: Vec<Option<RunningStage>> = std::mem::take(&mut self.stages).into_iter().map(Some).collect();
+        for stage in next {
+            match stage {
+                NextStage::Built(stage) => self.stages.push(stage),
+                NextStage::Kept(name) => {
+                    let kept = current.iter_mut().find(|s| s.as_ref().is_some_and(|s| s.runner.name() == name));
+                    // The reload checked it runs: a name not running is a bug.
+                    self.stages.push(kept.and_then(Option::take).expect("a kept stage is running"));
+                }
+            }
+        }
     }
 
     pub fn stage_names(&self) -> impl Iterator<Item = &str> {

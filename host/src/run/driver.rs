@@ -19,6 +19,7 @@
 //! a backlog read before a source outage is still applied during it.
 
 use super::reconcile::Reconcile;
+use super::reload::Reload;
 use super::{RunError, Summary, apply_events};
 use crate::aws::{ReadPlan, SourceFetcher};
 use crate::config;
@@ -50,6 +51,8 @@ pub struct Options {
     /// Compare the targets with the source now and then and queue the drift
     /// (a run that follows its source only).
     pub reconcile: Option<Reconcile>,
+    /// Swap in changes of the pipeline file and its plug-ins while running.
+    pub reload: Option<Reload>,
 }
 
 /// Second reads made at once.
@@ -85,17 +88,29 @@ pub async fn run<S: Source, K: Sink>(
     let apply = Apply { config, store, signals: &signals, report };
     let reconcile = async {
         match (&options.reconcile, options.until_idle) {
-            (Some(reconcile), false) => reconcile.run(config, store, &signals.queued, options.poll_interval).await,
+            (Some(reconcile), false) => {
+                reconcile.run(config, store, &signals.queued, options.poll_interval, options.reload.as_ref()).await
+            }
             _ => Ok(()),
         }
     };
-    let (mut ingested, reread, applied, ()) = futures_util::future::try_join4(
+    let parts = futures_util::future::try_join4(
         ingest.run(source),
         ingest.second_reads(),
-        apply.run(pipeline, sink),
+        apply.run(pipeline, sink, options.reload.as_ref()),
         reconcile,
-    )
-    .await?;
+    );
+    // Hot swap watches for as long as the other parts run.
+    let watch = async {
+        match &options.reload {
+            Some(reload) => reload.watch().await,
+            None => std::future::pending().await,
+        }
+    };
+    let (mut ingested, reread, applied, ()) = tokio::select! {
+        parts = parts => parts?,
+        failed = watch => return Err(failed.err().unwrap_or_else(|| RunError::Reload("the watch ended".into()))),
+    };
     ingested.add(reread);
     ingested.add(applied);
     Ok(ingested)
@@ -282,9 +297,18 @@ struct Apply<'a> {
 }
 
 impl Apply<'_> {
-    async fn run<K: Sink>(&self, pipeline: &mut Pipeline, sink: &mut K) -> Result<Summary, RunError> {
+    async fn run<K: Sink>(
+        &self,
+        pipeline: &mut Pipeline,
+        sink: &mut K,
+        reload: Option<&Reload>,
+    ) -> Result<Summary, RunError> {
         let mut summary = Summary::default();
         loop {
+            // Between batches: a batch runs whole under one version.
+            if let Some(reload) = reload {
+                reload.swap_into(pipeline);
+            }
             // Read "done" first: what was stored before saying so is in the queue then.
             let done = self.signals.ingest_done.get() && self.signals.rechecks_done.get();
             let queued = self.store.queued(0, self.config.batch_size)?;

@@ -1,14 +1,17 @@
 //! Running a pipeline: `driver` is the loop of `iotdr run` (ingest from the
 //! source into the state store's queue, apply from the queue, concurrently),
 //! `replay` sends dead letters back in. Both hand decoded events to
-//! [`apply_events`]: stages, plan, sink.
+//! [`apply_events`]: stages, plan, sink. `reconcile` and `reload` (hot
+//! swap) are parts of the run loop.
 
 mod driver;
 mod reconcile;
+mod reload;
 mod replay;
 
 pub use driver::{Options, run};
 pub use reconcile::Reconcile;
+pub use reload::{Outcome as ReloadOutcome, Reload};
 pub use replay::{ReplayReport, replay};
 
 use crate::config;
@@ -31,6 +34,8 @@ pub enum RunError {
     Sink(#[from] SinkError),
     #[error(transparent)]
     State(#[from] StateError),
+    #[error("hot swap: {0}")]
+    Reload(String),
 }
 
 /// Counts of what a run did.

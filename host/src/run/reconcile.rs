@@ -9,6 +9,7 @@
 //! the source says; `iotdr verify --repair` deletes them.
 
 use super::RunError;
+use super::reload::Reload;
 use crate::aws::Limiter;
 use crate::config;
 use crate::pipeline::Pipeline;
@@ -35,13 +36,34 @@ impl Reconcile {
         store: &StateStore,
         queued: &Notify,
         poll: Duration,
+        reload: Option<&Reload>,
     ) -> Result<(), RunError> {
+        let mut version = reload.map_or(1, Reload::serving);
         loop {
             tokio::time::sleep(self.every).await;
             while store.queue_len()? > 0 {
                 tokio::time::sleep(poll).await;
             }
             let mut pipeline = self.pipeline.lock().await;
+            // Compare through the stages that serve now: a hot swap changed them.
+            if let Some(reload) = reload
+                && reload.serving() != version
+            {
+                match reload.build_serving() {
+                    Ok(built) => {
+                        *pipeline = built;
+                        version = reload.serving();
+                    }
+                    Err(e) => {
+                        tracing::warn!(
+                            "reconcile skipped, tried again in {:?}: building version {}: {e}",
+                            self.every,
+                            reload.serving()
+                        );
+                        continue;
+                    }
+                }
+            }
             let verification = match verify(config, &mut pipeline, self.limiter.clone(), None, &Reads::expected()).await
             {
                 Ok(verification) => verification,
