@@ -100,8 +100,14 @@ async fn the_router_swapped_twenty_times_routes_each_event_by_the_version_of_its
     let mut placed: Vec<(String, &str)> = Vec::new();
     for round in 0..24 {
         if round > 0 {
-            // Rounds 7 and 15 try a broken version; the others alternate the table.
+            // Rounds 7, 11 and 15 try a version that must be refused; the others alternate the table.
             let (text, refused) = match round {
+                11 => {
+                    // Another source: not something a running pipeline can change.
+                    std::fs::write(dir.path().join("other.jsonl"), "").unwrap();
+                    let other = pipeline(&moto.url, if region == WEST { CENTRAL } else { WEST }, "");
+                    (other.replace("path = \"events.jsonl\"", "path = \"other.jsonl\""), true)
+                }
                 7 => {
                     // Its own test fails: it expects acme nowhere near where the table sends it.
                     let test = format!(
@@ -159,8 +165,9 @@ async fn the_router_swapped_twenty_times_routes_each_event_by_the_version_of_its
     child.kill().unwrap();
     child.wait().unwrap();
     let text = std::fs::read_to_string(&log).unwrap();
-    assert_eq!(version, 22, "21 versions swapped in after the first");
-    assert_eq!(text.matches("change refused").count(), 2, "{text}");
+    assert_eq!(version, 21, "20 versions swapped in after the first");
+    assert_eq!(text.matches("change refused").count(), 3, "{text}");
+    assert!(text.contains("[source] changed, which a running pipeline cannot change"), "{text}");
     assert!(text.contains("its test `acme stays home` fails"), "{text}");
     assert!(text.contains("stage `broken`") && text.contains("no"), "{text}");
     // Every thing in the region of its version, and only there.
