@@ -7,13 +7,16 @@ use std::path::Path;
 use std::process::{Command, Output};
 
 fn iotdr(args: &[&str], cwd: &Path) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_iotdr"))
+    let out = Command::new(env!("CARGO_BIN_EXE_iotdr"))
         .args(args)
         .current_dir(cwd)
         .env("IOTDR_CACHE_DIR", common::cache_dir())
         .env_remove("IOTDR_LOG")
         .output()
-        .expect("iotdr runs")
+        .expect("iotdr runs");
+    common::assert_no_secrets(&format!("iotdr {}", args.join(" ")), &text(&out.stdout));
+    common::assert_no_secrets(&format!("iotdr {}", args.join(" ")), &text(&out.stderr));
+    out
 }
 
 fn text(bytes: &[u8]) -> String {

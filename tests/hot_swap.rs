@@ -83,10 +83,10 @@ async fn the_router_swapped_twenty_times_routes_each_event_by_the_version_of_its
     std::fs::write(&path, pipeline(&moto.url, WEST, "")).unwrap();
     let log = dir.path().join("run.log");
     let mut child = Command::new(env!("CARGO_BIN_EXE_iotdr"))
-        .args(["run", path.to_str().unwrap()])
+        .args(["run", path.to_str().unwrap(), "--log-format", "json"])
         .current_dir(dir.path())
         .env("IOTDR_CACHE_DIR", common::cache_dir())
-        .env("IOTDR_LOG", "info")
+        .env("IOTDR_LOG", "warn,iotdr=debug")
         .envs(moto.env())
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&log).unwrap())
@@ -165,6 +165,13 @@ async fn the_router_swapped_twenty_times_routes_each_event_by_the_version_of_its
     child.kill().unwrap();
     child.wait().unwrap();
     let text = std::fs::read_to_string(&log).unwrap();
+    common::assert_no_secrets("the run's log", &text);
+    // One JSON object per line (--log-format json), a line per batch at debug.
+    for line in text.lines() {
+        let line: serde_json::Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"));
+        assert!(line["fields"]["message"].is_string(), "{line}");
+    }
+    assert!(text.contains("\"message\":\"batch applied\""), "{text}");
     assert_eq!(version, 21, "20 versions swapped in after the first");
     assert_eq!(text.matches("change refused").count(), 3, "{text}");
     assert!(text.contains("[source] changed, which a running pipeline cannot change"), "{text}");

@@ -78,7 +78,7 @@ async fn a_broker_that_lost_its_sessions_is_subscribed_to_again_and_what_is_publ
             .args(["run", test.pipeline.to_str().unwrap()])
             .current_dir(test.dir.path())
             .env("IOTDR_CACHE_DIR", common::cache_dir())
-            .env("IOTDR_LOG", "info")
+            .env("IOTDR_LOG", common::log_filter())
             .envs(moto.env())
             .stdout(std::process::Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())
@@ -113,6 +113,8 @@ async fn a_broker_that_lost_its_sessions_is_subscribed_to_again_and_what_is_publ
         }
     })
     .await;
+    // Its log, read back, shows no private key, PEM or secret.
+    test.log();
 }
 
 /// A child process killed when the test ends, however it ends.

@@ -184,7 +184,7 @@ async fn a_following_run_reconciles_what_no_event_says() {
         .args(["run", test.pipeline.to_str().unwrap()])
         .current_dir(test.dir.path())
         .env("IOTDR_CACHE_DIR", common::cache_dir())
-        .env("IOTDR_LOG", "info")
+        .env("IOTDR_LOG", common::log_filter())
         .envs(moto.env())
         .stdout(std::process::Stdio::null())
         .stderr(log)

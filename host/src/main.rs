@@ -32,6 +32,10 @@ struct Cli {
     /// Where compiled plug-ins are cached (default: ~/.cache/iotdr/plugins).
     #[arg(long, global = true, env = "IOTDR_CACHE_DIR")]
     cache_dir: Option<PathBuf>,
+    /// Log lines for people (`human`) or one JSON object per line (`json`);
+    /// the level is set by IOTDR_LOG (default `warn`).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Human)]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
 }
@@ -191,15 +195,24 @@ enum PluginCommand {
     },
 }
 
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    Human,
+    Json,
+}
+
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
+    let cli = Cli::parse();
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("IOTDR_LOG")
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
         )
-        .with_writer(std::io::stderr)
-        .init();
-    let cli = Cli::parse();
+        .with_writer(std::io::stderr);
+    match cli.log_format {
+        LogFormat::Human => logs.init(),
+        LogFormat::Json => logs.json().init(),
+    }
     // The process's one async runtime: sources, the source region's reads
     // and the target regions' writes all run on it.
     let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {

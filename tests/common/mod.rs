@@ -14,6 +14,22 @@ use iotdr::plugin::{Fate, PluginEngine, StageLimits, StageRunner};
 use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 
+/// Fails when `text` (a log or output of `iotdr`) holds what must never be
+/// printed: the tests' secret access key, a certificate PEM, a private key.
+/// Every output the harness reads goes through it.
+pub fn assert_no_secrets(what: &str, text: &str) {
+    for secret in [moto::SECRET_ACCESS_KEY, "BEGIN CERTIFICATE", "PRIVATE KEY"] {
+        assert!(!text.contains(secret), "{what} shows {secret:?}:\n{text}");
+    }
+}
+
+/// The log filter of every `iotdr` the tests start: iotdr's own lines down
+/// to `debug`, so that what [`assert_no_secrets`] reads covers them
+/// (IOTDR_TEST_LOG overrides it).
+pub fn log_filter() -> String {
+    std::env::var("IOTDR_TEST_LOG").unwrap_or_else(|_| "warn,iotdr=debug".into())
+}
+
 /// The workspace root.
 pub fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().expect("host/ has a parent").to_path_buf()

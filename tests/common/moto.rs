@@ -3,6 +3,10 @@
 
 use std::process::Command;
 
+/// The secret key the tests give the SDK (moto takes any): distinctive, so
+/// that a log that printed it is caught ([`super::assert_no_secrets`]).
+pub const SECRET_ACCESS_KEY: &str = "iotdr-test-secret-6f1c0e9a";
+
 pub struct Moto {
     pub url: String,
 }
@@ -44,7 +48,7 @@ impl Moto {
             .http_client(http)
             .credentials_provider(aws_sdk_iot::config::Credentials::new(
                 "testing",
-                "testing",
+                SECRET_ACCESS_KEY,
                 None,
                 None,
                 "iotdr-tests",
@@ -117,7 +121,7 @@ impl Moto {
     pub fn env(&self) -> Vec<(&'static str, String)> {
         vec![
             ("AWS_ACCESS_KEY_ID", "testing".into()),
-            ("AWS_SECRET_ACCESS_KEY", "testing".into()),
+            ("AWS_SECRET_ACCESS_KEY", SECRET_ACCESS_KEY.into()),
             ("AWS_EC2_METADATA_DISABLED", "true".into()),
             ("AWS_CONFIG_FILE", "/dev/null".into()),
             ("AWS_SHARED_CREDENTIALS_FILE", "/dev/null".into()),

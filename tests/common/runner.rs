@@ -83,7 +83,7 @@ impl Run {
             .args(["run", self.pipeline.to_str().unwrap(), "--until-idle"])
             .current_dir(self.dir.path())
             .env("IOTDR_CACHE_DIR", super::cache_dir())
-            .env("IOTDR_LOG", std::env::var("IOTDR_TEST_LOG").unwrap_or_else(|_| "warn".into()))
+            .env("IOTDR_LOG", super::log_filter())
             .envs(moto.env())
             .stdout(std::process::Stdio::null())
             .stderr(log)
@@ -93,7 +93,9 @@ impl Run {
 
     /// What a process from [`Run::spawn`] wrote on stderr.
     pub fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("run.log")).unwrap_or_default()
+        let log = std::fs::read_to_string(self.dir.path().join("run.log")).unwrap_or_default();
+        super::assert_no_secrets("a run's log", &log);
+        log
     }
 
     /// Makes the pipeline read the stream of `table` (in the source region) instead of its file.
@@ -147,12 +149,15 @@ pub fn stage(name: &str, plugin: &Path, config: &str, on_error: &str) -> String 
 }
 
 pub fn iotdr(moto: &Moto, dir: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_iotdr"))
+    let out = Command::new(env!("CARGO_BIN_EXE_iotdr"))
         .args(args)
         .current_dir(dir)
         .env("IOTDR_CACHE_DIR", super::cache_dir())
-        .env("IOTDR_LOG", std::env::var("IOTDR_TEST_LOG").unwrap_or_else(|_| "warn".into()))
+        .env("IOTDR_LOG", super::log_filter())
         .envs(moto.env())
         .output()
-        .expect("iotdr runs")
+        .expect("iotdr runs");
+    super::assert_no_secrets(&format!("iotdr {}", args.join(" ")), &String::from_utf8_lossy(&out.stderr));
+    super::assert_no_secrets(&format!("iotdr {}", args.join(" ")), &String::from_utf8_lossy(&out.stdout));
+    out
 }

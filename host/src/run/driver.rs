@@ -69,7 +69,13 @@ struct Signals {
     asked: Notify,
     ingest_done: Cell<bool>,
     rechecks_done: Cell<bool>,
+    /// Changes applied and dead letters made so far (the status line).
+    changes: Cell<u64>,
+    dead_letters: Cell<u64>,
 }
+
+/// How often a following run logs its status line (at `info`).
+const STATUS_EVERY: Duration = Duration::from_secs(60);
 
 /// Runs `pipeline` from `source` until the source is idle (or forever when following).
 #[allow(clippy::too_many_arguments)]
@@ -107,9 +113,22 @@ pub async fn run<S: Source, K: Sink>(
             None => std::future::pending().await,
         }
     };
+    let status = async {
+        loop {
+            tokio::time::sleep(STATUS_EVERY).await;
+            tracing::info!(
+                queued = store.queue_len().unwrap_or(0),
+                changes = signals.changes.get(),
+                dead_letters = signals.dead_letters.get(),
+                version = options.reload.as_ref().map_or(1, Reload::serving),
+                "status"
+            );
+        }
+    };
     let (mut ingested, reread, applied, ()) = tokio::select! {
         parts = parts => parts?,
         failed = watch => return Err(failed.err().unwrap_or_else(|| RunError::Reload("the watch ended".into()))),
+        () = status => unreachable!("the status line loops"),
     };
     ingested.add(reread);
     ingested.add(applied);
@@ -319,10 +338,22 @@ impl Apply<'_> {
                 self.signals.queued.notified().await;
                 continue;
             };
-            let events = queued.into_iter().map(|(_, event)| event).collect();
+            let events: Vec<Event> = queued.into_iter().map(|(_, event)| event).collect();
             // A halt leaves the batch in the queue: the next run applies it first.
+            let count = events.len();
+            let changes = summary.changes;
             let dead = apply_events(self.config, pipeline, sink, 0, events, &mut summary).await?;
             self.store.applied(through, &dead)?;
+            tracing::debug!(
+                events = count,
+                changes = summary.changes - changes,
+                dead_letters = dead.len(),
+                through,
+                version = reload.map_or(1, Reload::serving),
+                "batch applied"
+            );
+            self.signals.changes.set(self.signals.changes.get() + summary.changes - changes);
+            self.signals.dead_letters.set(self.signals.dead_letters.get() + dead.len() as u64);
             for letter in &dead {
                 (self.report)(letter);
             }
