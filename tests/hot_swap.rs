@@ -184,3 +184,124 @@ async fn the_router_swapped_twenty_times_routes_each_event_by_the_version_of_its
         assert!(!exists(other, thing).await, "{thing} also outside {region}");
     }
 }
+
+/// One HTTP/1.1 request to the admin endpoint: (status code, body).
+fn http(port: u16, method: &str, path: &str, token: Option<&str>) -> (u16, String) {
+    use std::io::Read;
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
+    write!(
+        stream,
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\n{auth}Content-Length: 0\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).unwrap();
+    let code = answer.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body = answer.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    (code, body)
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// The admin endpoint of a running run: health, status, Prometheus metrics,
+/// a reload; off loopback it needs a token, and without one it does not start.
+#[tokio::test]
+async fn the_admin_endpoint_shows_status_and_metrics_and_reloads() {
+    let moto = Moto::start();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("pipeline.toml");
+    let port = free_port();
+    let admin = format!("[admin]\nlisten = \"127.0.0.1:{port}\"\n");
+    std::fs::write(dir.path().join("events.jsonl"), "").unwrap();
+    std::fs::write(&path, pipeline(&moto.url, WEST, &admin)).unwrap();
+    let log = dir.path().join("run.log");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_iotdr"))
+        .args(["run", path.to_str().unwrap()])
+        .current_dir(dir.path())
+        .env("IOTDR_CACHE_DIR", common::cache_dir())
+        .env("IOTDR_LOG", common::log_filter())
+        .envs(moto.env())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    wait_for("the admin endpoint", &mut child, &log, |_| {
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() && http(port, "GET", "/healthz", None).0 == 200
+    });
+    let line = r#"{"event":{"id":"a-1","entity":"thing","operation":"created","name":"a-1","attributes":{"customer":"acme"},"timestamp_ms":1764000000001}}"#;
+    std::fs::write(dir.path().join("events.jsonl"), format!("{line}\n")).unwrap();
+    let west = moto.iot(WEST).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !exists(&west, "a-1").await {
+        assert!(Instant::now() < deadline, "a-1 never arrived");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    let (code, body) = http(port, "GET", "/status", None);
+    assert_eq!(code, 200, "{body}");
+    let status: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!((&status["pipeline"], &status["version"]), (&"swap".into(), &1.into()), "{status}");
+    assert_eq!(status["stages"][0]["name"], "route", "{status}");
+    assert_eq!(status["stages"][0]["sha256"].as_str().unwrap().len(), 64, "{status}");
+    assert_eq!((&status["queue_depth"], &status["dead_letters"]), (&0.into(), &0.into()), "{status}");
+    assert!(status["changes_applied"].as_u64().unwrap() >= 1, "{status}");
+    assert!(status["source_positions"].as_object().is_some_and(|p| !p.is_empty()), "{status}");
+
+    let (code, metrics) = http(port, "GET", "/metrics", None);
+    assert_eq!(code, 200);
+    assert!(metrics.contains(r#"iotdr_api_calls_total{region="eu-west-1",operation="CreateThing"} 1"#), "{metrics}");
+    assert!(metrics.contains("iotdr_pipeline_version 1") && metrics.contains("iotdr_queue_depth 0"), "{metrics}");
+    assert!(metrics.contains("# TYPE iotdr_changes_applied counter"), "{metrics}");
+
+    // A change, asked for by /reload (the file watch may have taken it first).
+    std::fs::write(&path, pipeline(&moto.url, CENTRAL, &admin)).unwrap();
+    let (code, body) = http(port, "POST", "/reload", None);
+    assert_eq!(code, 200, "{body}");
+    let outcome: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert!(["ready", "unchanged"].contains(&outcome["outcome"].as_str().unwrap()), "{outcome}");
+    let status: serde_json::Value = serde_json::from_str(&http(port, "GET", "/status", None).1).unwrap();
+    assert_eq!(status["last_reload"]["outcome"], "ready", "{status}");
+    assert_eq!(status["last_reload"]["version"], 2, "{status}");
+    child.kill().unwrap();
+    child.wait().unwrap();
+    common::assert_no_secrets("the run's log", &std::fs::read_to_string(&log).unwrap());
+
+    // Off loopback: without a token the run does not start; with one, /status needs it.
+    let port = free_port();
+    std::fs::write(&path, pipeline(&moto.url, WEST, &format!("[admin]\nlisten = \"0.0.0.0:{port}\"\n"))).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_iotdr"))
+        .args(["run", path.to_str().unwrap(), "--until-idle"])
+        .current_dir(dir.path())
+        .env("IOTDR_CACHE_DIR", common::cache_dir())
+        .env_remove("IOTDR_ADMIN_TOKEN")
+        .envs(moto.env())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("is not a loopback address: set admin.token_file or IOTDR_ADMIN_TOKEN"), "{stderr}");
+    std::fs::write(dir.path().join("token"), "s3cret-admin-token\n").unwrap();
+    let admin = format!("[admin]\nlisten = \"0.0.0.0:{port}\"\ntoken_file = \"token\"\n");
+    std::fs::write(&path, pipeline(&moto.url, WEST, &admin)).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_iotdr"))
+        .args(["run", path.to_str().unwrap()])
+        .current_dir(dir.path())
+        .env("IOTDR_CACHE_DIR", common::cache_dir())
+        .envs(moto.env())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    wait_for("the admin endpoint", &mut child, &log, |_| {
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() && http(port, "GET", "/healthz", None).0 == 200
+    });
+    assert_eq!(http(port, "GET", "/status", None).0, 401);
+    assert_eq!(http(port, "POST", "/reload", Some("wrong")).0, 401);
+    assert_eq!(http(port, "GET", "/status", Some("s3cret-admin-token")).0, 200);
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(!std::fs::read_to_string(&log).unwrap().contains("s3cret-admin-token"));
+}

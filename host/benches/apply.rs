@@ -69,6 +69,7 @@ rate_limits = {{ "*" = 100000.0 }}
         queue_limit: config.ingest.queue_limit,
         reconcile: None,
         reload: None,
+        admin: None,
     };
     let started = Instant::now();
     let summary = runtime

@@ -201,6 +201,7 @@ fn main() {
             queue_limit: config.ingest.queue_limit,
             reconcile: None,
             reload: None,
+            admin: None,
         };
         let total = (rate * seconds) as usize;
         let writer = async {
@@ -268,6 +269,7 @@ fn main() {
             queue_limit: config.ingest.queue_limit,
             reconcile: None,
             reload: None,
+            admin: None,
         };
         let started = Instant::now();
         let summary = run(&config, &state, &mut source, Some(&fetcher), &mut pipeline, &mut sink, &options, &|_| {})

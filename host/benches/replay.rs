@@ -72,6 +72,7 @@ path = "events.jsonl"
         queue_limit: config.ingest.queue_limit,
         reconcile: None,
         reload: None,
+        admin: None,
     };
     let started = Instant::now();
     let summary = runtime

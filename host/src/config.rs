@@ -63,6 +63,17 @@ pub struct Pipeline {
     pub state_dir: PathBuf,
     /// The file's `[[tests]]` (`iotdr test`, `iotdr validate`).
     pub tests: Vec<PipelineTest>,
+    /// The admin HTTP endpoint of `iotdr run` (`[admin]`).
+    pub admin: Option<Admin>,
+}
+
+/// `[admin]`: where `iotdr run` serves `/status`, `/metrics`, `/reload`, `/healthz`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Admin {
+    pub listen: std::net::SocketAddr,
+    /// The bearer token for `/status` and `/reload`, read from this file
+    /// (else from IOTDR_ADMIN_TOKEN); required off loopback.
+    pub token_file: Option<PathBuf>,
 }
 
 /// One `[[tests]]` of a pipeline file: records in, what must come out.
@@ -247,6 +258,14 @@ struct RawFile {
     state: RawState,
     #[serde(default)]
     tests: Vec<Spanned<RawTest>>,
+    admin: Option<Spanned<RawAdmin>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAdmin {
+    listen: String,
+    token_file: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -588,6 +607,21 @@ impl Pipeline {
             });
         }
 
+        let admin = match raw.admin {
+            None => None,
+            Some(admin) => {
+                let span = admin.span();
+                let admin = admin.into_inner();
+                let listen = admin.listen.parse().map_err(|_| {
+                    at(
+                        span.clone(),
+                        format!("admin.listen `{}` is not an address and port (127.0.0.1:9464)", admin.listen),
+                    )
+                })?;
+                Some(Admin { listen, token_file: admin.token_file.map(|f| base.join(f)) })
+            }
+        };
+
         let mut raw_apply = raw.apply;
         let replicate = match raw_apply.replicate.take() {
             None => Entity::ALL.to_vec(),
@@ -623,6 +657,7 @@ impl Pipeline {
             },
             state_dir: base.join(raw.state.dir.as_deref().unwrap_or(".iotdr-state")),
             tests,
+            admin,
         })
     }
 }

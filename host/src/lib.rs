@@ -5,6 +5,7 @@
 //! result into API calls per target region and a `sink` applies them; `run`
 //! drives that loop and `state` keeps what must survive a restart.
 
+pub mod admin;
 pub mod aws;
 pub mod config;
 pub mod context;

@@ -8,7 +8,7 @@ use iotdr::event::{Event, decode_line};
 use iotdr::pipeline::Pipeline;
 use iotdr::plugin::{Fate, PluginEngine, StageLimits, StageRunner};
 use iotdr::progress::Progress;
-use iotdr::run::{Options, Reconcile, Reload, replay, run};
+use iotdr::run::{AdminPart, Options, Reconcile, Reload, replay, run};
 use iotdr::sink::{AwsSink, DryRun};
 use iotdr::source::{AnySource, DynamodbStream, FileSource, MqttSource, RegistryScan};
 use iotdr::state::{DeadLetter, FolderLock, StateStore, Step};
@@ -525,6 +525,10 @@ async fn run_pipeline(
         reconcile,
         // A run swaps in changes of its files (a sync lists once: never).
         reload: if !dry_run && !scan { Some(Reload::new(config.clone(), self::engine(cache_dir)?)) } else { None },
+        admin: match &config.admin {
+            Some(admin) if !dry_run && !scan => Some(start_admin(admin, pipeline, &limiter).await?),
+            _ => None,
+        },
     };
     if dry_run {
         let stdout = std::io::stdout();
@@ -554,6 +558,27 @@ async fn run_pipeline(
     );
     report_dead_letters(summary.dead_letters, &state, pipeline);
     Ok(ExitCode::SUCCESS)
+}
+
+/// Binds `[admin] listen` and serves it beside the run; the run loop answers.
+async fn start_admin(
+    admin: &iotdr::config::Admin,
+    pipeline: &std::path::Path,
+    limiter: &Arc<Limiter>,
+) -> Result<AdminPart> {
+    let token = iotdr::admin::token(admin).map_err(|e| anyhow::anyhow!("{}: {e}", pipeline.display()))?;
+    let listener = tokio::net::TcpListener::bind(admin.listen)
+        .await
+        .with_context(|| format!("{}: binding admin.listen {}", pipeline.display(), admin.listen))?;
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    let protected =
+        if token.is_some() { "a bearer token required for /status and /reload" } else { "loopback only, no token" };
+    tracing::info!("admin endpoint on http://{} ({protected}): /healthz /status /metrics /reload", admin.listen);
+    if token.is_some() {
+        eprintln!("admin endpoint on http://{}: /status and /reload require the bearer token", admin.listen);
+    }
+    tokio::spawn(iotdr::admin::serve(listener, token, tx));
+    Ok(AdminPart { requests: tokio::sync::Mutex::new(rx), limiter: limiter.clone() })
 }
 
 /// Where the dead letters of a command went, when it made any.

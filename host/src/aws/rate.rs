@@ -229,6 +229,12 @@ impl Limiter {
         total
     }
 
+    /// Everything counted, per region and operation.
+    pub fn all_stats(&self) -> Vec<(String, &'static str, CallStats)> {
+        let stats = self.stats.lock().expect("stats lock");
+        stats.iter().map(|((region, operation), counts)| (region.clone(), *operation, counts.clone())).collect()
+    }
+
     /// Calls that ended, per operation, in `region`.
     pub fn calls_by_operation(&self, region: &str) -> std::collections::BTreeMap<&'static str, u64> {
         let stats = self.stats.lock().expect("stats lock");

@@ -53,6 +53,15 @@ pub struct Options {
     pub reconcile: Option<Reconcile>,
     /// Swap in changes of the pipeline file and its plug-ins while running.
     pub reload: Option<Reload>,
+    /// Answers the admin endpoint's requests.
+    pub admin: Option<AdminPart>,
+}
+
+/// The run loop's side of the admin endpoint: what the server asks, and
+/// the limiter whose counts `/metrics` shows.
+pub struct AdminPart {
+    pub requests: tokio::sync::Mutex<tokio::sync::mpsc::Receiver<crate::admin::Request>>,
+    pub limiter: std::sync::Arc<crate::aws::Limiter>,
 }
 
 /// Second reads made at once.
@@ -72,6 +81,8 @@ struct Signals {
     /// Changes applied and dead letters made so far (the status line).
     changes: Cell<u64>,
     dead_letters: Cell<u64>,
+    /// The plug-ins' counters after the last batch (`/metrics`).
+    counters: std::cell::RefCell<Vec<(String, std::collections::BTreeMap<String, u64>)>>,
 }
 
 /// How often a following run logs its status line (at `info`).
@@ -125,14 +136,92 @@ pub async fn run<S: Source, K: Sink>(
             );
         }
     };
+    let admin = async {
+        match &options.admin {
+            Some(admin) => answer_admin(admin, config, store, &signals, options.reload.as_ref()).await,
+            None => std::future::pending().await,
+        }
+    };
     let (mut ingested, reread, applied, ()) = tokio::select! {
         parts = parts => parts?,
+        () = admin => unreachable!("the admin part loops"),
         failed = watch => return Err(failed.err().unwrap_or_else(|| RunError::Reload("the watch ended".into()))),
         () = status => unreachable!("the status line loops"),
     };
     ingested.add(reread);
     ingested.add(applied);
     Ok(ingested)
+}
+
+/// Answers the admin endpoint from what the run owns, for as long as it runs.
+async fn answer_admin(
+    admin: &AdminPart,
+    config: &config::Pipeline,
+    store: &StateStore,
+    signals: &Signals,
+    reload: Option<&Reload>,
+) {
+    use crate::admin::Request;
+    let mut requests = admin.requests.lock().await;
+    while let Some(request) = requests.recv().await {
+        match request {
+            Request::Status(answer) => {
+                let stages: Vec<serde_json::Value> = reload
+                    .map(Reload::stages)
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(|(name, plugin, sha256)| serde_json::json!({ "name": name, "plugin": plugin, "sha256": sha256 }))
+                    .collect();
+                let last = reload.and_then(Reload::last).map(|outcome| match outcome {
+                    super::ReloadOutcome::Ready { version, rebuilt } => {
+                        serde_json::json!({ "outcome": "ready", "version": version, "rebuilt": rebuilt })
+                    }
+                    super::ReloadOutcome::Refused { reason } => {
+                        serde_json::json!({ "outcome": "refused", "reason": reason })
+                    }
+                });
+                let _ = answer.send(serde_json::json!({
+                    "pipeline": config.name,
+                    "source_region": config.source_region,
+                    "targets": config.targets,
+                    "version": reload.map_or(1, Reload::serving),
+                    "stages": stages,
+                    "last_reload": last,
+                    "queue_depth": store.queue_len().unwrap_or(0),
+                    "dead_letters": store.dead_letter_count().unwrap_or(0),
+                    "changes_applied": signals.changes.get(),
+                    "source_positions": store.checkpoints("").unwrap_or_default(),
+                }));
+            }
+            Request::Metrics(answer) => {
+                let counters = signals.counters.borrow();
+                let gauges = crate::admin::Gauges {
+                    calls: admin.limiter.all_stats(),
+                    queue_depth: store.queue_len().unwrap_or(0),
+                    dead_letters: store.dead_letter_count().unwrap_or(0),
+                    changes: signals.changes.get(),
+                    version: reload.map_or(1, Reload::serving),
+                    stage_counters: &counters,
+                };
+                let _ = answer.send(crate::admin::render_metrics(&gauges));
+            }
+            Request::Reload(answer) => {
+                let outcome = match reload.map(Reload::reload) {
+                    None => serde_json::json!({ "outcome": "unavailable", "reason": "this run does not reload" }),
+                    Some(None) => serde_json::json!({ "outcome": "unchanged" }),
+                    Some(Some(super::ReloadOutcome::Ready { version, rebuilt })) => {
+                        serde_json::json!({ "outcome": "ready", "version": version, "rebuilt": rebuilt })
+                    }
+                    Some(Some(super::ReloadOutcome::Refused { reason })) => {
+                        serde_json::json!({ "outcome": "refused", "reason": reason })
+                    }
+                };
+                let _ = answer.send(outcome);
+            }
+        }
+    }
+    // The server is gone: nothing more to answer.
+    std::future::pending::<()>().await;
 }
 
 struct Ingest<'a> {
@@ -353,6 +442,7 @@ impl Apply<'_> {
                 "batch applied"
             );
             self.signals.changes.set(self.signals.changes.get() + summary.changes - changes);
+            *self.signals.counters.borrow_mut() = pipeline.counters();
             self.signals.dead_letters.set(self.signals.dead_letters.get() + dead.len() as u64);
             for letter in &dead {
                 (self.report)(letter);

@@ -9,7 +9,7 @@ mod reconcile;
 mod reload;
 mod replay;
 
-pub use driver::{Options, run};
+pub use driver::{AdminPart, Options, run};
 pub use reconcile::Reconcile;
 pub use reload::{Outcome as ReloadOutcome, Reload};
 pub use replay::{ReplayReport, replay};

@@ -80,6 +80,17 @@ impl Reload {
         Pipeline::build(&self.running.borrow(), &self.engine)
     }
 
+    /// The serving version's stages: name, plug-in file, its SHA-256.
+    pub fn stages(&self) -> Vec<(String, PathBuf, String)> {
+        let digests = self.digests.borrow();
+        let running = self.running.borrow();
+        running
+            .stages
+            .iter()
+            .map(|s| (s.name.clone(), s.plugin.clone(), digests.get(&s.plugin).cloned().unwrap_or_default()))
+            .collect()
+    }
+
     /// What the last reload did, if any.
     pub fn last(&self) -> Option<Outcome> {
         self.last.borrow().clone()
@@ -255,6 +266,7 @@ fn fixed_changes(running: &config::Pipeline, next: &config::Pipeline) -> Vec<&'s
     differs("[ingest]", running.ingest == next.ingest);
     differs("[reconcile]", running.reconcile_every == next.reconcile_every);
     differs("[state]", running.state_dir == next.state_dir);
+    differs("[admin]", running.admin == next.admin);
     changed
 }
 

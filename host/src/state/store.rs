@@ -214,6 +214,12 @@ impl StateStore {
         })
     }
 
+    /// How many dead letters are kept.
+    pub fn dead_letter_count(&self) -> Result<u64, StateError> {
+        self.with(|c| c.query_row("SELECT COUNT(*) FROM dead_letters", [], |row| row.get::<_, i64>(0)))
+            .map(|n| n as u64)
+    }
+
     pub fn dead_letters(&self) -> Result<Vec<StoredDeadLetter>, StateError> {
         let rows: Vec<(i64, String)> = self.with(|c| {
             let mut statement = c.prepare("SELECT id, letter FROM dead_letters ORDER BY id")?;

@@ -1,0 +1,167 @@
+//! The admin HTTP endpoint of `iotdr run` (`[admin] listen`, axum):
+//! `/healthz`, `/status` (JSON), `/metrics` (Prometheus text,
+//! `prometheus-client`) and `POST /reload`. The server task holds no state
+//! of the run: each request is sent to the run loop ([`Request`]), whose
+//! admin part answers it from what the run owns (the state store, the
+//! limiter, the hot swap). Off loopback, `/status` and `/reload` need the
+//! bearer token.
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use tokio::sync::{mpsc, oneshot};
+
+/// What the server asks the run loop.
+pub enum Request {
+    Status(oneshot::Sender<serde_json::Value>),
+    Metrics(oneshot::Sender<String>),
+    Reload(oneshot::Sender<serde_json::Value>),
+}
+
+#[derive(Clone)]
+struct Shared {
+    requests: mpsc::Sender<Request>,
+    token: Option<String>,
+}
+
+/// The bearer token of `admin`: its file's first line, else IOTDR_ADMIN_TOKEN.
+/// An address off loopback without one is refused.
+pub fn token(admin: &crate::config::Admin) -> Result<Option<String>, String> {
+    let token = match &admin.token_file {
+        Some(file) => Some(
+            std::fs::read_to_string(file)
+                .map_err(|e| format!("admin.token_file {}: {e}", file.display()))?
+                .lines()
+                .next()
+                .unwrap_or_default()
+                .trim()
+                .to_string(),
+        ),
+        None => std::env::var("IOTDR_ADMIN_TOKEN").ok(),
+    }
+    .filter(|t| !t.is_empty());
+    if token.is_none() && !admin.listen.ip().is_loopback() {
+        return Err(format!(
+            "admin.listen {} is not a loopback address: set admin.token_file or IOTDR_ADMIN_TOKEN, \
+             the bearer token /status and /reload then require",
+            admin.listen
+        ));
+    }
+    Ok(token)
+}
+
+/// Serves until the run ends (the task is dropped with it).
+pub async fn serve(listener: tokio::net::TcpListener, token: Option<String>, requests: mpsc::Sender<Request>) {
+    let app = Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/status", get(status))
+        .route("/metrics", get(metrics))
+        .route("/reload", post(reload))
+        .with_state(Shared { requests, token });
+    if let Err(e) = axum::serve(listener, app).await {
+        tracing::warn!("the admin endpoint stopped: {e}");
+    }
+}
+
+fn authorized(shared: &Shared, headers: &HeaderMap) -> Result<(), Response> {
+    let Some(token) = &shared.token else { return Ok(()) };
+    let given =
+        headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+    if given == Some(token.as_str()) {
+        Ok(())
+    } else {
+        Err((StatusCode::UNAUTHORIZED, "a bearer token is required\n").into_response())
+    }
+}
+
+async fn ask<T>(shared: &Shared, request: impl FnOnce(oneshot::Sender<T>) -> Request) -> Result<T, Response> {
+    let (tx, rx) = oneshot::channel();
+    let unavailable = || (StatusCode::SERVICE_UNAVAILABLE, "the run is ending\n").into_response();
+    shared.requests.send(request(tx)).await.map_err(|_| unavailable())?;
+    rx.await.map_err(|_| unavailable())
+}
+
+async fn status(State(shared): State<Shared>, headers: HeaderMap) -> Response {
+    if let Err(refused) = authorized(&shared, &headers) {
+        return refused;
+    }
+    match ask(&shared, Request::Status).await {
+        Ok(status) => axum::Json(status).into_response(),
+        Err(response) => response,
+    }
+}
+
+async fn metrics(State(shared): State<Shared>) -> Response {
+    match ask(&shared, Request::Metrics).await {
+        Ok(text) => ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text).into_response(),
+        Err(response) => response,
+    }
+}
+
+async fn reload(State(shared): State<Shared>, headers: HeaderMap) -> Response {
+    if let Err(refused) = authorized(&shared, &headers) {
+        return refused;
+    }
+    match ask(&shared, Request::Reload).await {
+        Ok(outcome) => axum::Json(outcome).into_response(),
+        Err(response) => response,
+    }
+}
+
+/// What `/metrics` shows, gathered by the run loop.
+pub struct Gauges<'a> {
+    pub calls: Vec<(String, &'static str, crate::aws::CallStats)>,
+    pub queue_depth: u64,
+    pub dead_letters: u64,
+    pub changes: u64,
+    pub version: u64,
+    pub stage_counters: &'a [(String, std::collections::BTreeMap<String, u64>)],
+}
+
+/// `gauges` in Prometheus text format.
+pub fn render_metrics(gauges: &Gauges) -> String {
+    use prometheus_client::metrics::counter::Counter;
+    use prometheus_client::metrics::family::Family;
+    use prometheus_client::metrics::gauge::Gauge;
+    use prometheus_client::registry::Registry;
+    type Labels = Vec<(&'static str, String)>;
+    let mut registry = Registry::with_prefix("iotdr");
+    let api = |name: &str, help: &str, registry: &mut Registry, value: fn(&crate::aws::CallStats) -> u64| {
+        let family = Family::<Labels, Counter>::default();
+        for (region, operation, stats) in &gauges.calls {
+            family
+                .get_or_create(&vec![("region", region.clone()), ("operation", operation.to_string())])
+                .inc_by(value(stats));
+        }
+        registry.register(name, help, family);
+    };
+    api("api_calls", "AWS API calls that ended, per region and operation", &mut registry, |s| s.calls);
+    api("api_requests", "AWS API requests sent, retries included", &mut registry, |s| s.requests);
+    api("api_throttled", "AWS API answers that were throttling", &mut registry, |s| s.throttled);
+    api("api_transient_failures", "AWS API 5xx, timeouts and lost connections", &mut registry, |s| {
+        s.transient_failures
+    });
+    let gauge = |name: &str, help: &str, value: u64, registry: &mut Registry| {
+        let gauge = Gauge::<i64>::default();
+        gauge.set(value as i64);
+        registry.register(name, help, gauge);
+    };
+    gauge("queue_depth", "Events stored and waiting to be applied", gauges.queue_depth, &mut registry);
+    gauge("dead_letters", "Dead letters kept in the state store", gauges.dead_letters, &mut registry);
+    gauge("pipeline_version", "The version of the pipeline serving batches", gauges.version, &mut registry);
+    let changes = Counter::<u64>::default();
+    changes.inc_by(gauges.changes);
+    registry.register("changes_applied", "Changes applied to target regions by this run", changes);
+    let plugin = Family::<Labels, Counter>::default();
+    for (stage, counters) in gauges.stage_counters {
+        for (name, value) in counters {
+            plugin.get_or_create(&vec![("stage", stage.clone()), ("counter", name.clone())]).inc_by(*value);
+        }
+    }
+    registry.register("plugin_count", "The plug-ins' own counters (`count`), per stage", plugin);
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &registry).expect("writing to a String");
+    text
+}
