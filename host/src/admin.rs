@@ -65,49 +65,46 @@ pub async fn serve(listener: tokio::net::TcpListener, token: Option<String>, req
     }
 }
 
-fn authorized(shared: &Shared, headers: &HeaderMap) -> Result<(), Response> {
-    let Some(token) = &shared.token else { return Ok(()) };
+/// Whether the request may see `/status` or use `/reload`.
+fn authorized(shared: &Shared, headers: &HeaderMap) -> bool {
+    let Some(token) = &shared.token else { return true };
     let given =
         headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
-    if given == Some(token.as_str()) {
-        Ok(())
-    } else {
-        Err((StatusCode::UNAUTHORIZED, "a bearer token is required\n").into_response())
-    }
+    given == Some(token.as_str())
 }
 
-async fn ask<T>(shared: &Shared, request: impl FnOnce(oneshot::Sender<T>) -> Request) -> Result<T, Response> {
+fn unauthorized() -> Response {
+    (StatusCode::UNAUTHORIZED, "a bearer token is required\n").into_response()
+}
+
+fn unavailable() -> Response {
+    (StatusCode::SERVICE_UNAVAILABLE, "the run is ending\n").into_response()
+}
+
+/// Asks the run loop; `None` when the run is ending.
+async fn ask<T>(shared: &Shared, request: impl FnOnce(oneshot::Sender<T>) -> Request) -> Option<T> {
     let (tx, rx) = oneshot::channel();
-    let unavailable = || (StatusCode::SERVICE_UNAVAILABLE, "the run is ending\n").into_response();
-    shared.requests.send(request(tx)).await.map_err(|_| unavailable())?;
-    rx.await.map_err(|_| unavailable())
+    shared.requests.send(request(tx)).await.ok()?;
+    rx.await.ok()
 }
 
 async fn status(State(shared): State<Shared>, headers: HeaderMap) -> Response {
-    if let Err(refused) = authorized(&shared, &headers) {
-        return refused;
+    if !authorized(&shared, &headers) {
+        return unauthorized();
     }
-    match ask(&shared, Request::Status).await {
-        Ok(status) => axum::Json(status).into_response(),
-        Err(response) => response,
-    }
+    ask(&shared, Request::Status).await.map_or_else(unavailable, |status| axum::Json(status).into_response())
 }
 
 async fn metrics(State(shared): State<Shared>) -> Response {
-    match ask(&shared, Request::Metrics).await {
-        Ok(text) => ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text).into_response(),
-        Err(response) => response,
-    }
+    let content_type = [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")];
+    ask(&shared, Request::Metrics).await.map_or_else(unavailable, |text| (content_type, text).into_response())
 }
 
 async fn reload(State(shared): State<Shared>, headers: HeaderMap) -> Response {
-    if let Err(refused) = authorized(&shared, &headers) {
-        return refused;
+    if !authorized(&shared, &headers) {
+        return unauthorized();
     }
-    match ask(&shared, Request::Reload).await {
-        Ok(outcome) => axum::Json(outcome).into_response(),
-        Err(response) => response,
-    }
+    ask(&shared, Request::Reload).await.map_or_else(unavailable, |outcome| axum::Json(outcome).into_response())
 }
 
 /// What `/metrics` shows, gathered by the run loop.
