@@ -70,6 +70,22 @@ fn wait_for(what: &str, child: &mut Child, log: &Path, done: impl Fn(&str) -> bo
     }
 }
 
+/// `iotdr run <path> <args>` following its source, its stderr in `log`.
+fn start(moto: &Moto, path: &Path, log: &Path, args: &[&str], filter: &str) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_iotdr"))
+        .arg("run")
+        .arg(path)
+        .args(args)
+        .current_dir(path.parent().unwrap())
+        .env("IOTDR_CACHE_DIR", common::cache_dir())
+        .env("IOTDR_LOG", filter)
+        .envs(moto.env())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(log).unwrap())
+        .spawn()
+        .unwrap()
+}
+
 async fn exists(iot: &aws_sdk_iot::Client, thing: &str) -> bool {
     iot.describe_thing().thing_name(thing).send().await.is_ok()
 }
@@ -82,16 +98,7 @@ async fn the_router_swapped_twenty_times_routes_each_event_by_the_version_of_its
     std::fs::write(dir.path().join("events.jsonl"), "").unwrap();
     std::fs::write(&path, pipeline(&moto.url, WEST, "")).unwrap();
     let log = dir.path().join("run.log");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_iotdr"))
-        .args(["run", path.to_str().unwrap(), "--log-format", "json"])
-        .current_dir(dir.path())
-        .env("IOTDR_CACHE_DIR", common::cache_dir())
-        .env("IOTDR_LOG", "warn,iotdr=debug")
-        .envs(moto.env())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
+    let mut child = start(&moto, &path, &log, &["--log-format", "json"], "warn,iotdr=debug");
     let mut events = std::fs::OpenOptions::new().append(true).open(dir.path().join("events.jsonl")).unwrap();
     let west = moto.iot(WEST).await;
     let central = moto.iot(CENTRAL).await;
@@ -218,16 +225,7 @@ async fn the_admin_endpoint_shows_status_and_metrics_and_reloads() {
     std::fs::write(dir.path().join("events.jsonl"), "").unwrap();
     std::fs::write(&path, pipeline(&moto.url, WEST, &admin)).unwrap();
     let log = dir.path().join("run.log");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_iotdr"))
-        .args(["run", path.to_str().unwrap()])
-        .current_dir(dir.path())
-        .env("IOTDR_CACHE_DIR", common::cache_dir())
-        .env("IOTDR_LOG", common::log_filter())
-        .envs(moto.env())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
+    let mut child = start(&moto, &path, &log, &[], &common::log_filter());
     wait_for("the admin endpoint", &mut child, &log, |_| {
         std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() && http(port, "GET", "/healthz", None).0 == 200
     });
@@ -286,15 +284,7 @@ async fn the_admin_endpoint_shows_status_and_metrics_and_reloads() {
     std::fs::write(dir.path().join("token"), "s3cret-admin-token\n").unwrap();
     let admin = format!("[admin]\nlisten = \"0.0.0.0:{port}\"\ntoken_file = \"token\"\n");
     std::fs::write(&path, pipeline(&moto.url, WEST, &admin)).unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_iotdr"))
-        .args(["run", path.to_str().unwrap()])
-        .current_dir(dir.path())
-        .env("IOTDR_CACHE_DIR", common::cache_dir())
-        .envs(moto.env())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
+    let mut child = start(&moto, &path, &log, &[], "warn");
     wait_for("the admin endpoint", &mut child, &log, |_| {
         std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() && http(port, "GET", "/healthz", None).0 == 200
     });
