@@ -253,6 +253,8 @@ async fn the_admin_endpoint_shows_status_and_metrics_and_reloads() {
     assert!(metrics.contains(r#"iotdr_api_calls_total{region="eu-west-1",operation="CreateThing"} 1"#), "{metrics}");
     assert!(metrics.contains("iotdr_pipeline_version 1") && metrics.contains("iotdr_queue_depth 0"), "{metrics}");
     assert!(metrics.contains("# TYPE iotdr_changes_applied counter"), "{metrics}");
+    assert!(metrics.contains(r#"iotdr_stage_events_in_total{stage="route"} 1"#), "{metrics}");
+    assert!(metrics.contains(r#"iotdr_stage_events_out_total{stage="route"} 1"#), "{metrics}");
 
     // A change, asked for by /reload (the file watch may have taken it first).
     std::fs::write(&path, pipeline(&moto.url, CENTRAL, &admin)).unwrap();

@@ -115,6 +115,7 @@ pub struct Gauges<'a> {
     pub changes: u64,
     pub version: u64,
     pub stage_counters: &'a [(String, std::collections::BTreeMap<String, u64>)],
+    pub stage_counts: &'a [(String, crate::pipeline::StageCounts)],
 }
 
 /// `gauges` in Prometheus text format.
@@ -158,6 +159,17 @@ pub fn render_metrics(gauges: &Gauges) -> String {
         }
     }
     registry.register("plugin_count", "The plug-ins' own counters (`count`), per stage", plugin);
+    let stage = |name: &str, help: &str, registry: &mut Registry, value: fn(&crate::pipeline::StageCounts) -> u64| {
+        let family = Family::<Labels, Counter>::default();
+        for (stage, counts) in gauges.stage_counts {
+            family.get_or_create(&vec![("stage", stage.clone())]).inc_by(value(counts));
+        }
+        registry.register(name, help, family);
+    };
+    stage("stage_events_in", "Events into each stage (since its version started)", &mut registry, |c| c.events_in);
+    stage("stage_events_out", "Events each stage passed on", &mut registry, |c| c.events_out);
+    stage("stage_events_dropped", "Events each stage dropped on purpose", &mut registry, |c| c.dropped);
+    stage("stage_events_failed", "Events each stage failed on", &mut registry, |c| c.failed);
     let mut text = String::new();
     prometheus_client::encoding::text::encode(&mut text, &registry).expect("writing to a String");
     text

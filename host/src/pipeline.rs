@@ -49,10 +49,21 @@ pub struct Processed {
     pub skipped: usize,
 }
 
-/// A started stage: its plug-in instance and its error policy.
+/// A started stage: its plug-in instance, its error policy, what it saw.
 pub struct RunningStage {
     runner: StageRunner,
     on_error: OnError,
+    counts: StageCounts,
+}
+
+/// Events a stage saw since it started (`/metrics`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StageCounts {
+    pub events_in: u64,
+    /// Passed on: kept, each part of a split, and failed ones `skip` passes on.
+    pub events_out: u64,
+    pub dropped: u64,
+    pub failed: u64,
 }
 
 /// A stage of the next version of a pipeline (a hot swap): built and
@@ -104,7 +115,7 @@ impl Pipeline {
         };
         let runner = StageRunner::start(&stage.name, plugin, stage.config_json.clone(), stage.limits.clone())
             .map_err(|reason| BuildError::Start { file: config.file.clone(), stage: stage.name.clone(), reason })?;
-        Ok(RunningStage { runner, on_error: stage.on_error })
+        Ok(RunningStage { runner, on_error: stage.on_error, counts: StageCounts::default() })
     }
 
     /// Becomes the next version: its stages in order, the kept ones moved
@@ -126,6 +137,11 @@ impl Pipeline {
 
     pub fn stage_names(&self) -> impl Iterator<Item = &str> {
         self.stages.iter().map(|s| s.runner.name())
+    }
+
+    /// What each stage saw since it started, in order.
+    pub fn stage_counts(&self) -> Vec<(String, StageCounts)> {
+        self.stages.iter().map(|s| (s.runner.name().to_string(), s.counts)).collect()
     }
 
     /// Plug-in counters, per stage.
@@ -165,8 +181,14 @@ impl Pipeline {
             if events.is_empty() {
                 break;
             }
+            stage.counts.events_in += events.len() as u64;
             let mut next = Vec::new();
             for fate in stage.runner.process_into(events, &mut next) {
+                if matches!(fate, Fate::Dropped(..)) {
+                    stage.counts.dropped += 1;
+                } else if matches!(fate, Fate::Failed(..)) {
+                    stage.counts.failed += 1;
+                }
                 match fate {
                     Fate::Kept(event) => next.push(event),
                     Fate::Split(events) => next.extend(events),
@@ -200,6 +222,7 @@ impl Pipeline {
                     },
                 }
             }
+            stage.counts.events_out += next.len() as u64;
             events = next;
         }
         processed.events = events;

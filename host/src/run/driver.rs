@@ -83,6 +83,8 @@ struct Signals {
     dead_letters: Cell<u64>,
     /// The plug-ins' counters after the last batch (`/metrics`).
     counters: std::cell::RefCell<Vec<(String, std::collections::BTreeMap<String, u64>)>>,
+    /// The stages' event counts after the last batch (`/metrics`).
+    stage_counts: std::cell::RefCell<Vec<(String, crate::pipeline::StageCounts)>>,
 }
 
 /// How often a following run logs its status line (at `info`).
@@ -195,7 +197,9 @@ async fn answer_admin(
             }
             Request::Metrics(answer) => {
                 let counters = signals.counters.borrow();
+                let stage_counts = signals.stage_counts.borrow();
                 let gauges = crate::admin::Gauges {
+                    stage_counts: &stage_counts,
                     calls: admin.limiter.all_stats(),
                     queue_depth: store.queue_len().unwrap_or(0),
                     dead_letters: store.dead_letter_count().unwrap_or(0),
@@ -443,6 +447,7 @@ impl Apply<'_> {
             );
             self.signals.changes.set(self.signals.changes.get() + summary.changes - changes);
             *self.signals.counters.borrow_mut() = pipeline.counters();
+            *self.signals.stage_counts.borrow_mut() = pipeline.stage_counts();
             self.signals.dead_letters.set(self.signals.dead_letters.get() + dead.len() as u64);
             for letter in &dead {
                 (self.report)(letter);
