@@ -11,6 +11,7 @@ use common::fleet::seed;
 use common::moto::Moto;
 use common::region_state::{assert_same, region_state};
 use common::runner::Run;
+use iotdr::into_table::attribute;
 use serde_json::{Value, json};
 use std::collections::HashMap;
 
@@ -21,17 +22,6 @@ const TABLE: &str = "iotdr-events";
 /// The event table with a NEW_IMAGE stream, as `iotdr setup` will make it.
 async fn event_table(moto: &Moto) -> aws_sdk_dynamodb::Client {
     moto.event_table(SOURCE, TABLE).await
-}
-
-fn attribute(value: &Value) -> AttributeValue {
-    match value {
-        Value::Null => AttributeValue::Null(true),
-        Value::Bool(b) => AttributeValue::Bool(*b),
-        Value::Number(n) => AttributeValue::N(n.to_string()),
-        Value::String(s) => AttributeValue::S(s.clone()),
-        Value::Array(items) => AttributeValue::L(items.iter().map(attribute).collect()),
-        Value::Object(map) => AttributeValue::M(map.iter().map(|(k, v)| (k.clone(), attribute(v))).collect()),
-    }
 }
 
 /// Writes records (`{"topic", "payload"}` JSON) as the rule's items, in order.

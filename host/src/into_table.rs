@@ -179,8 +179,9 @@ fn item(
     item
 }
 
-/// A JSON value as a DynamoDB attribute value.
-fn attribute(value: &Value) -> AttributeValue {
+/// A JSON value as a DynamoDB attribute value (an event table's item, as
+/// a topic rule writes it).
+pub fn attribute(value: &Value) -> AttributeValue {
     match value {
         Value::Null => AttributeValue::Null(true),
         Value::Bool(b) => AttributeValue::Bool(*b),
