@@ -230,7 +230,8 @@ async fn the_admin_endpoint_shows_status_and_metrics_and_reloads() {
         std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() && http(port, "GET", "/healthz", None).0 == 200
     });
     let line = r#"{"event":{"id":"a-1","entity":"thing","operation":"created","name":"a-1","attributes":{"customer":"acme"},"timestamp_ms":1764000000001}}"#;
-    std::fs::write(dir.path().join("events.jsonl"), format!("{line}\n")).unwrap();
+    // A line that does not decode first: its dead letter is stored before a-1 is.
+    std::fs::write(dir.path().join("events.jsonl"), format!("not json\n{line}\n")).unwrap();
     let west = moto.iot(WEST).await;
     let deadline = Instant::now() + Duration::from_secs(60);
     while !exists(&west, "a-1").await {
@@ -244,7 +245,9 @@ async fn the_admin_endpoint_shows_status_and_metrics_and_reloads() {
     assert_eq!((&status["pipeline"], &status["version"]), (&"swap".into(), &1.into()), "{status}");
     assert_eq!(status["stages"][0]["name"], "route", "{status}");
     assert_eq!(status["stages"][0]["sha256"].as_str().unwrap().len(), 64, "{status}");
-    assert_eq!((&status["queue_depth"], &status["dead_letters"]), (&0.into(), &0.into()), "{status}");
+    assert_eq!((&status["queue_depth"], &status["dead_letters"]), (&0.into(), &1.into()), "{status}");
+    assert_eq!(status["dead_letters_by_step"], serde_json::json!({"decode": 1}), "{status}");
+    assert!(status["lag_seconds"].as_f64().is_some_and(|lag| lag > 1000.0), "an event of last year: {status}");
     assert!(status["changes_applied"].as_u64().unwrap() >= 1, "{status}");
     assert!(status["source_positions"].as_object().is_some_and(|p| !p.is_empty()), "{status}");
 
@@ -255,6 +258,9 @@ async fn the_admin_endpoint_shows_status_and_metrics_and_reloads() {
     assert!(metrics.contains("# TYPE iotdr_changes_applied counter"), "{metrics}");
     assert!(metrics.contains(r#"iotdr_stage_events_in_total{stage="route"} 1"#), "{metrics}");
     assert!(metrics.contains(r#"iotdr_stage_events_out_total{stage="route"} 1"#), "{metrics}");
+    assert!(metrics.contains(r#"iotdr_dead_letters_by_step{step="decode"} 1"#), "{metrics}");
+    assert!(metrics.contains("iotdr_lag_seconds_count 1"), "{metrics}");
+    assert!(metrics.contains(r#"iotdr_lag_seconds_bucket{le="3600.0"} 0"#), "a year late: {metrics}");
 
     // A change, asked for by /reload (the file watch may have taken it first).
     std::fs::write(&path, pipeline(&moto.url, CENTRAL, &admin)).unwrap();

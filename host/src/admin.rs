@@ -107,11 +107,45 @@ async fn reload(State(shared): State<Shared>, headers: HeaderMap) -> Response {
     ask(&shared, Request::Reload).await.map_or_else(unavailable, |outcome| axum::Json(outcome).into_response())
 }
 
+/// Seconds from an event's source time (its `timestamp`) to its batch
+/// leaving the queue: applied, dropped or dead-lettered. A backlog shows as
+/// large lags, which is what it is.
+#[derive(Clone)]
+pub struct LagHistogram(prometheus_client::metrics::histogram::Histogram);
+
+/// From 10 ms to an hour: live lag sits at the low end, a backlog or an
+/// outage at the high end.
+const LAG_BUCKETS: [f64; 14] = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 3600.0];
+
+impl Default for LagHistogram {
+    fn default() -> Self {
+        LagHistogram(prometheus_client::metrics::histogram::Histogram::new(LAG_BUCKETS))
+    }
+}
+
+impl LagHistogram {
+    /// Observes the lag of events from `source_times_ms` at `now_ms`;
+    /// returns the largest (none without events). A source clock ahead of
+    /// ours counts as no lag.
+    pub fn observe_since(&self, source_times_ms: &[u64], now_ms: u64) -> Option<u64> {
+        let mut largest = None;
+        for &at in source_times_ms {
+            let lag = now_ms.saturating_sub(at);
+            self.0.observe(lag as f64 / 1000.0);
+            largest = largest.max(Some(lag));
+        }
+        largest
+    }
+}
+
 /// What `/metrics` shows, gathered by the run loop.
 pub struct Gauges<'a> {
     pub calls: Vec<(String, &'static str, crate::aws::CallStats)>,
     pub queue_depth: u64,
     pub dead_letters: u64,
+    /// Per step, and per stage for the `stage` step.
+    pub dead_letters_by_step: Vec<(String, Option<String>, u64)>,
+    pub lag: &'a LagHistogram,
     pub changes: u64,
     pub version: u64,
     pub stage_counters: &'a [(String, std::collections::BTreeMap<String, u64>)],
@@ -148,6 +182,18 @@ pub fn render_metrics(gauges: &Gauges) -> String {
     };
     gauge("queue_depth", "Events stored and waiting to be applied", gauges.queue_depth, &mut registry);
     gauge("dead_letters", "Dead letters kept in the state store", gauges.dead_letters, &mut registry);
+    let by_step = Family::<Labels, Gauge>::default();
+    for (step, stage, count) in &gauges.dead_letters_by_step {
+        let mut labels = vec![("step", step.clone())];
+        labels.extend(stage.clone().map(|stage| ("stage", stage)));
+        by_step.get_or_create(&labels).set(*count as i64);
+    }
+    registry.register("dead_letters_by_step", "Dead letters kept, per step where their event failed", by_step);
+    registry.register(
+        "lag_seconds",
+        "Seconds from an event's source time to its batch leaving the queue",
+        gauges.lag.0.clone(),
+    );
     gauge("pipeline_version", "The version of the pipeline serving batches", gauges.version, &mut registry);
     let changes = Counter::<u64>::default();
     changes.inc_by(gauges.changes);

@@ -85,6 +85,10 @@ struct Signals {
     counters: std::cell::RefCell<Vec<(String, std::collections::BTreeMap<String, u64>)>>,
     /// The stages' event counts after the last batch (`/metrics`).
     stage_counts: std::cell::RefCell<Vec<(String, crate::pipeline::StageCounts)>>,
+    /// Seconds from each event's source time to its batch leaving the queue.
+    lag: crate::admin::LagHistogram,
+    /// The largest lag of the last batch, in ms (`/status`).
+    last_lag_ms: Cell<Option<u64>>,
 }
 
 /// How often a following run logs its status line (at `info`).
@@ -155,6 +159,17 @@ pub async fn run<S: Source, K: Sink>(
     Ok(ingested)
 }
 
+/// `/status`'s dead letters per step: `{"fetch": 2, "stage router": 1}`.
+fn dead_letters_by_step(store: &StateStore) -> serde_json::Map<String, serde_json::Value> {
+    let counts = store.dead_letters_by_step().unwrap_or_default();
+    counts
+        .into_iter()
+        .map(|(step, stage, count)| {
+            (stage.map_or_else(|| step.clone(), |stage| format!("{step} {stage}")), count.into())
+        })
+        .collect()
+}
+
 /// Answers the admin endpoint from what the run owns, for as long as it runs.
 async fn answer_admin(
     admin: &AdminPart,
@@ -191,6 +206,8 @@ async fn answer_admin(
                     "last_reload": last,
                     "queue_depth": store.queue_len().unwrap_or(0),
                     "dead_letters": store.dead_letter_count().unwrap_or(0),
+                    "dead_letters_by_step": dead_letters_by_step(store),
+                    "lag_seconds": signals.last_lag_ms.get().map(|ms| ms as f64 / 1000.0),
                     "changes_applied": signals.changes.get(),
                     "source_positions": store.checkpoints("").unwrap_or_default(),
                 }));
@@ -203,6 +220,8 @@ async fn answer_admin(
                     calls: admin.limiter.all_stats(),
                     queue_depth: store.queue_len().unwrap_or(0),
                     dead_letters: store.dead_letter_count().unwrap_or(0),
+                    dead_letters_by_step: store.dead_letters_by_step().unwrap_or_default(),
+                    lag: &signals.lag,
                     changes: signals.changes.get(),
                     version: reload.map_or(1, Reload::serving),
                     stage_counters: &counters,
@@ -432,16 +451,22 @@ impl Apply<'_> {
                 continue;
             };
             let events: Vec<Event> = queued.into_iter().map(|(_, event)| event).collect();
+            let source_times: Vec<u64> = events.iter().map(|e| e.timestamp_ms).filter(|&ms| ms > 0).collect();
             // A halt leaves the batch in the queue: the next run applies it first.
             let count = events.len();
             let changes = summary.changes;
             let dead = apply_events(self.config, pipeline, sink, 0, events, &mut summary).await?;
             self.store.applied(through, &dead)?;
+            let lag_ms = self.signals.lag.observe_since(&source_times, crate::event::now_ms());
+            if lag_ms.is_some() {
+                self.signals.last_lag_ms.set(lag_ms);
+            }
             tracing::debug!(
                 events = count,
                 changes = summary.changes - changes,
                 dead_letters = dead.len(),
                 through,
+                lag_ms,
                 version = reload.map_or(1, Reload::serving),
                 "batch applied"
             );

@@ -220,6 +220,26 @@ impl StateStore {
             .map(|n| n as u64)
     }
 
+    /// How many dead letters are kept per step, and per stage for the
+    /// `stage` step, for `/metrics` and `/status`.
+    pub fn dead_letters_by_step(&self) -> Result<Vec<(String, Option<String>, u64)>, StateError> {
+        self.with(|c| {
+            // `stage` holds the step as shown (`fetch`, `stage router`); letters
+            // written before steps were typed hold the stage's name alone there.
+            let mut statement = c.prepare("SELECT stage, COUNT(*) FROM dead_letters GROUP BY stage ORDER BY stage")?;
+            let rows = statement.query_map([], |row| {
+                let shown: String = row.get(0)?;
+                let (step, stage) = match shown.strip_prefix("stage ") {
+                    Some(stage) => ("stage".to_string(), Some(stage.to_string())),
+                    None if ["decode", "fetch", "plan", "apply"].contains(&shown.as_str()) => (shown, None),
+                    None => ("stage".to_string(), Some(shown)),
+                };
+                Ok((step, stage, row.get::<_, i64>(1)? as u64))
+            })?;
+            rows.collect()
+        })
+    }
+
     pub fn dead_letters(&self) -> Result<Vec<StoredDeadLetter>, StateError> {
         let rows: Vec<(i64, String)> = self.with(|c| {
             let mut statement = c.prepare("SELECT id, letter FROM dead_letters ORDER BY id")?;
@@ -534,6 +554,29 @@ mod tests {
         let mut shadow = Event::new(Entity::Shadow, Operation::Updated, "t");
         shadow.version = Some(version);
         Position::of(&shadow).unwrap()
+    }
+
+    #[test]
+    fn dead_letters_are_counted_per_step_with_the_stage_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = StateStore::open(dir.path()).unwrap();
+        let steps = [Step::Fetch, Step::Stage("router".into()), Step::Fetch, Step::Stage("apply".into()), Step::Apply];
+        for (n, step) in steps.into_iter().enumerate() {
+            let mut event = Event::new(Entity::Thing, Operation::Created, format!("t-{n}"));
+            event.id = format!("e-{n}");
+            store.add_dead_letter(&DeadLetter::for_event(step, "no", event)).unwrap();
+        }
+        store.add_dead_letter(&DeadLetter::for_record("bad json", "{", "events.jsonl:1".into())).unwrap();
+        assert_eq!(
+            store.dead_letters_by_step().unwrap(),
+            [
+                ("apply".to_string(), None, 1),
+                ("decode".to_string(), None, 1),
+                ("fetch".to_string(), None, 2),
+                ("stage".to_string(), Some("apply".to_string()), 1),
+                ("stage".to_string(), Some("router".to_string()), 1)
+            ]
+        );
     }
 
     #[test]
