@@ -160,36 +160,8 @@ impl Batch {
     /// Attribute `key` of every event: its distinct values, and per event 0
     /// (absent) or 1 + the index of its value.
     pub fn attribute_codes(&self, key: &str) -> (Vec<String>, Vec<u32>) {
-        // Few distinct values is the common case (customers, environments):
-        // compare against them; index them once there are many.
-        const FEW: usize = 8;
-        let mut distinct: Vec<&str> = Vec::new();
-        let mut index: HashMap<&str, u32> = HashMap::new();
-        let codes = self
-            .events
-            .iter()
-            .map(|event| {
-                let Some(value) = event.attributes.get(key) else { return 0 };
-                let known = if distinct.len() <= FEW {
-                    distinct.iter().position(|v| *v == value).map(|at| at as u32 + 1)
-                } else {
-                    index.get(value.as_str()).copied()
-                };
-                known.unwrap_or_else(|| {
-                    distinct.push(value);
-                    let code = distinct.len() as u32;
-                    if distinct.len() > FEW {
-                        if index.is_empty() {
-                            index.extend(distinct.iter().enumerate().map(|(at, v)| (*v, at as u32 + 1)));
-                        } else {
-                            index.insert(value, code);
-                        }
-                    }
-                    code
-                })
-            })
-            .collect();
-        (distinct.into_iter().map(str::to_string).collect(), codes)
+        let (distinct, codes) = dictionary_codes(self.events.iter().map(|event| event.attributes.get(key)));
+        (distinct.into_iter().cloned().collect(), codes)
     }
 
     pub fn set_related(&mut self, index: u32, kind: String, name: Option<String>) -> Result<(), BatchError> {
@@ -286,6 +258,42 @@ fn approximate_size(event: &Event) -> usize {
         + event.attributes.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>()
         + event.related.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>()
         + 128
+}
+
+/// Dictionary-codes `values`: the distinct values in order of first
+/// appearance, and per value its code (1-based index into them; 0 for none).
+/// How a plug-in's `attribute-codes` is answered, so that a stage decides
+/// once per distinct value (and the native side of the pipeline benchmark
+/// does the same).
+pub fn dictionary_codes<'a>(values: impl Iterator<Item = Option<&'a String>>) -> (Vec<&'a String>, Vec<u32>) {
+    // Few distinct values is the common case (customers, environments):
+    // compare against them; index them once there are many.
+    const FEW: usize = 8;
+    let mut distinct: Vec<&String> = Vec::new();
+    let mut index: HashMap<&str, u32> = HashMap::new();
+    let codes = values
+        .map(|value| {
+            let Some(value) = value else { return 0 };
+            let known = if distinct.len() <= FEW {
+                distinct.iter().position(|v| *v == value).map(|at| at as u32 + 1)
+            } else {
+                index.get(value.as_str()).copied()
+            };
+            known.unwrap_or_else(|| {
+                distinct.push(value);
+                let code = distinct.len() as u32;
+                if distinct.len() > FEW {
+                    if index.is_empty() {
+                        index.extend(distinct.iter().enumerate().map(|(at, v)| (v.as_str(), at as u32 + 1)));
+                    } else {
+                        index.insert(value, code);
+                    }
+                }
+                code
+            })
+        })
+        .collect();
+    (distinct, codes)
 }
 
 #[cfg(test)]

@@ -6,5 +6,6 @@ mod bindings;
 mod engine;
 mod stage;
 
+pub use batch::dictionary_codes;
 pub use engine::{CONTRACT_PACKAGE, CONTRACT_VERSION, LoadError, Plugin, PluginEngine};
 pub use stage::{Fate, StageLimits, StageRunner, StartError};
