@@ -6,6 +6,7 @@
 mod common;
 
 use common::moto::Moto;
+use common::{free_port, http};
 use std::io::Write;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -190,27 +191,6 @@ async fn the_router_swapped_twenty_times_routes_each_event_by_the_version_of_its
         assert!(exists(here, thing).await, "{thing} missing in {region}");
         assert!(!exists(other, thing).await, "{thing} also outside {region}");
     }
-}
-
-/// One HTTP/1.1 request to the admin endpoint: (status code, body).
-fn http(port: u16, method: &str, path: &str, token: Option<&str>) -> (u16, String) {
-    use std::io::Read;
-    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
-    write!(
-        stream,
-        "{method} {path} HTTP/1.1\r\nHost: localhost\r\n{auth}Content-Length: 0\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut answer = String::new();
-    stream.read_to_string(&mut answer).unwrap();
-    let code = answer.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
-    let body = answer.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
-    (code, body)
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 /// The admin endpoint of a running run: health, status, Prometheus metrics,

@@ -429,16 +429,8 @@ impl Pipeline {
 
     /// Parses `text` as if read from `file`; `env` resolves `${VAR}`.
     pub fn parse(file: &Path, text: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Pipeline, ConfigError> {
-        let original = text;
-        let at_original = |offset: usize, message: String| {
-            let (line, column) = line_column(original, offset);
-            ConfigError { file: file.to_path_buf(), line, column, message }
-        };
-        let (text, substitutions) = interpolate(text, env).map_err(|(offset, message)| at_original(offset, message))?;
-        // Spans point into the interpolated text; errors name places in the file as written.
-        let at =
-            |span: Range<usize>, message: String| at_original(original_offset(&substitutions, span.start), message);
-        let raw: RawFile = toml::from_str(&text).map_err(|e| at(e.span().unwrap_or(0..0), e.message().to_string()))?;
+        let (raw, located) = TomlFile::read::<RawFile>(file, text, env)?;
+        let at = |span: Range<usize>, message: String| located.at(span, message);
         let base = file.parent().unwrap_or(Path::new("."));
 
         let source_region = raw.pipeline.source_region.get_ref().clone();
@@ -555,7 +547,7 @@ impl Pipeline {
         for test in raw.tests {
             let span = test.span();
             let test = test.into_inner();
-            let (line, column) = line_column(original, original_offset(&substitutions, test.name.span().start));
+            let ConfigError { line, column, .. } = located.at(test.name.span(), String::new());
             if test.input.is_empty() && test.input_file.is_none() {
                 return Err(at(span, format!("test `{}` has no `input` and no `input_file`", test.name.get_ref())));
             }
@@ -804,6 +796,41 @@ pub fn check_region(name: &str) -> Result<(), String> {
 struct Substitution {
     out: Range<usize>,
     original: Range<usize>,
+}
+
+/// A TOML file as written, read with `${VAR}` interpolation: errors about
+/// it name places in the file as written (its other config files use it too).
+pub(crate) struct TomlFile<'a> {
+    file: &'a Path,
+    original: &'a str,
+    substitutions: Vec<Substitution>,
+}
+
+impl<'a> TomlFile<'a> {
+    /// Interpolates `text` (read from `file`) and deserializes it.
+    pub(crate) fn read<T: serde::de::DeserializeOwned>(
+        file: &'a Path,
+        text: &'a str,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<(T, TomlFile<'a>), ConfigError> {
+        let mut located = TomlFile { file, original: text, substitutions: Vec::new() };
+        let (interpolated, substitutions) =
+            interpolate(text, env).map_err(|(offset, message)| located.at_original(offset, message))?;
+        located.substitutions = substitutions;
+        let raw =
+            toml::from_str(&interpolated).map_err(|e| located.at(e.span().unwrap_or(0..0), e.message().to_string()))?;
+        Ok((raw, located))
+    }
+
+    /// An error at `span` of the interpolated text.
+    pub(crate) fn at(&self, span: Range<usize>, message: String) -> ConfigError {
+        self.at_original(original_offset(&self.substitutions, span.start), message)
+    }
+
+    fn at_original(&self, offset: usize, message: String) -> ConfigError {
+        let (line, column) = line_column(self.original, offset);
+        ConfigError { file: self.file.to_path_buf(), line, column, message }
+    }
 }
 
 /// Replaces `${NAME}` and `${NAME:-default}` (the default when NAME is unset);

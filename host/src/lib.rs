@@ -10,6 +10,7 @@ pub mod aws;
 pub mod config;
 pub mod context;
 pub mod event;
+pub mod failover;
 pub mod into_table;
 pub mod order;
 pub mod pipeline;

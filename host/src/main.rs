@@ -133,6 +133,17 @@ enum Command {
         #[arg(long)]
         dry_run: bool,
     },
+    /// MQTT health checks of each region of a DR file, served over HTTP.
+    Health {
+        #[command(subcommand)]
+        command: HealthCommand,
+    },
+    /// The Route 53 failover records of a DR file: health checks, the
+    /// failover CNAME pair of the devices' endpoint name and its TXT record.
+    Failover {
+        #[command(subcommand)]
+        command: FailoverCommand,
+    },
     /// Lists, replays or purges the dead letters of a pipeline (kept in its state folder).
     DeadLetters {
         #[command(subcommand)]
@@ -149,6 +160,48 @@ enum Command {
 enum SyncMode {
     Full,
     Smart,
+}
+
+#[derive(Subcommand)]
+enum HealthCommand {
+    /// Serves `/health/<region>` (an MQTT round trip made per request: 200
+    /// or 503 with a JSON body), `/control-plane/<region>` (a cheap read of
+    /// the region's IoT API) and `/health` (every region) on `[health] listen`.
+    Serve { config: PathBuf },
+    /// Runs each region's MQTT check once and prints the reports as JSON
+    /// (exit 1 when one fails).
+    Check { config: PathBuf },
+}
+
+#[derive(Subcommand)]
+enum FailoverCommand {
+    /// Creates or updates the health checks and records, keeping the
+    /// current decision (the configured primary the first time).
+    Apply {
+        config: PathBuf,
+        /// Print what it would change, without changing it.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Sends devices to `region` first.
+    Promote {
+        config: PathBuf,
+        region: String,
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Sends devices to the configured primary first again.
+    Failback {
+        config: PathBuf,
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Shows the decision, the records and Route 53's view of each health check.
+    Status {
+        config: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -406,6 +459,8 @@ async fn execute(cli: Cli) -> Result<ExitCode> {
             let failed = steps.iter().filter(|s| matches!(s.outcome, iotdr::setup::Outcome::Failed(_))).count();
             Ok(if failed == 0 { ExitCode::SUCCESS } else { ExitCode::from(1) })
         }
+        Command::Health { command } => health(command).await,
+        Command::Failover { command } => failover(command).await,
         Command::DeadLetters { command } => dead_letters(command, cli.cache_dir).await,
         Command::Plugin { command: PluginCommand::Test { plugin, events, config, source_region, targets } } => {
             serde_json::from_str::<serde_json::Value>(&config).context("--config is not JSON")?;
@@ -775,4 +830,139 @@ async fn dead_letters(command: DeadLetterCommand, cache_dir: Option<PathBuf>) ->
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+async fn health(command: HealthCommand) -> Result<ExitCode> {
+    use iotdr::failover::{DrConfig, MqttCheck};
+    match command {
+        HealthCommand::Serve { config: file } => {
+            let config = DrConfig::load(&file)?;
+            let listen = config.health()?.listen;
+            let listener = tokio::net::TcpListener::bind(listen)
+                .await
+                .with_context(|| format!("{}: health.listen {listen}", file.display()))?;
+            eprintln!("serving health checks on http://{}", listener.local_addr()?);
+            iotdr::failover::serve::serve(&config, listener)
+                .await
+                .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        HealthCommand::Check { config: file } => {
+            let config = DrConfig::load(&file)?;
+            let health = config.health()?;
+            let mut checks = Vec::new();
+            for (name, region) in &config.regions {
+                let credentials =
+                    config.credentials(name).ok_or_else(|| anyhow::anyhow!("region {name}: no certificate"))?;
+                checks.push(
+                    MqttCheck::new(name, &region.mqtt_endpoint, credentials, health).map_err(anyhow::Error::msg)?,
+                );
+            }
+            let reports = futures_util::future::join_all(checks.iter().map(MqttCheck::run)).await;
+            for report in &reports {
+                println!("{}", serde_json::to_string(report)?);
+            }
+            Ok(if reports.iter().all(|r| r.healthy) { ExitCode::SUCCESS } else { ExitCode::from(1) })
+        }
+    }
+}
+
+async fn failover(command: FailoverCommand) -> Result<ExitCode> {
+    use iotdr::failover::{DrConfig, Route53};
+    let (file, primary, dry_run) = match &command {
+        FailoverCommand::Apply { config, dry_run } => (config, None, *dry_run),
+        FailoverCommand::Promote { config, region, dry_run } => (config, Some(region.clone()), *dry_run),
+        FailoverCommand::Failback { config, dry_run } => (config, None, *dry_run),
+        FailoverCommand::Status { config, .. } => (config, None, true),
+    };
+    let config = DrConfig::load(file)?;
+    let failover = config.failover()?;
+    let route53 = Route53::connect(&config).await.map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+    let primary = match &command {
+        FailoverCommand::Failback { .. } => Some(failover.primary.clone()),
+        _ => primary,
+    };
+    if let Some(region) = &primary
+        && region != &failover.primary
+        && region != &failover.secondary
+    {
+        anyhow::bail!(
+            "{}: {region} is neither the primary ({}) nor the secondary ({})",
+            file.display(),
+            failover.primary,
+            failover.secondary
+        );
+    }
+    let current = route53.current().await?;
+    if let FailoverCommand::Status { json, .. } = command {
+        return failover_status(&route53, &current, json).await;
+    }
+    let (decision, steps) = route53.plan(&current, primary.as_deref());
+    println!(
+        "{}: primary {}, secondary {}{}",
+        route53.name(),
+        decision.primary,
+        decision.secondary,
+        if dry_run { " (dry run: nothing changed)" } else { "" }
+    );
+    if steps.is_empty() {
+        println!("  nothing to change");
+    }
+    for step in &steps {
+        for line in step.to_string().lines() {
+            println!("  {line}");
+        }
+    }
+    if !dry_run {
+        route53.execute(steps).await?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn failover_status(
+    route53: &iotdr::failover::Route53,
+    current: &iotdr::failover::route53::Current,
+    json: bool,
+) -> Result<ExitCode> {
+    let decision = current.decision.clone();
+    let mut checks = Vec::new();
+    for (region, existing) in &current.health_checks {
+        for check in existing {
+            let (healthy, observed) = route53.check_status(&check.id).await?;
+            checks.push(serde_json::json!({
+                "region": region, "id": check.id, "healthy_checkers": healthy, "checkers": observed,
+            }));
+        }
+    }
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({ "name": route53.name(), "decision": decision, "records": current.records, "health_checks": checks })
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    match &decision {
+        Some(d) => println!("{}: primary {}, secondary {}", route53.name(), d.primary, d.secondary),
+        None => println!("{}: no decision recorded (run `iotdr failover apply`)", route53.name()),
+    }
+    for record in &current.records {
+        println!(
+            "  {} {} {} -> {}{}",
+            record.kind,
+            record.name,
+            record.failover.as_deref().unwrap_or("-"),
+            record.values.join(" "),
+            record.health_check_id.as_deref().map(|id| format!(" (health check {id})")).unwrap_or_default()
+        );
+    }
+    for check in &checks {
+        println!(
+            "  health check {} of {}: {} of {} Route 53 checkers see it healthy",
+            check["id"].as_str().unwrap_or_default(),
+            check["region"].as_str().unwrap_or_default(),
+            check["healthy_checkers"],
+            check["checkers"]
+        );
+    }
+    Ok(ExitCode::SUCCESS)
 }

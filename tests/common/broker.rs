@@ -35,6 +35,13 @@ impl Broker {
         assert!(out.status.success(), "scripts/mosquitto.sh restart failed:\n{}", String::from_utf8_lossy(&out.stderr));
     }
 
+    /// Stops the broker (as an outage); [`Broker::restart`] brings it back.
+    pub fn stop(&self) {
+        let script = super::root().join("scripts/mosquitto.sh");
+        let out = Command::new("bash").arg(&script).arg("stop").arg(self.dir.path()).output().expect("bash runs");
+        assert!(out.status.success(), "scripts/mosquitto.sh stop failed:\n{}", String::from_utf8_lossy(&out.stderr));
+    }
+
     pub fn file(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)
     }

@@ -30,23 +30,7 @@ impl RegionClients {
     /// (reading the source, the global registry) that lookup is skipped and
     /// the data-plane client is not to be used.
     pub async fn connect(region: &str, settings: &RegionSettings, shadows: bool) -> Result<RegionClients, AwsError> {
-        let http =
-            aws_smithy_http_client::Builder::new().tls_provider(tls::Provider::Rustls(CryptoMode::Ring)).build_https();
-        let mut loader = aws_config::defaults(BehaviorVersion::latest())
-            .region(aws_config::Region::new(region.to_string()))
-            .http_client(http)
-            // The applier retries with its own budget and counts every attempt.
-            .retry_config(RetryConfig::disabled())
-            .timeout_config(
-                TimeoutConfig::builder()
-                    .connect_timeout(Duration::from_secs(5))
-                    .operation_attempt_timeout(Duration::from_secs(30))
-                    .build(),
-            );
-        if let Some(url) = &settings.endpoint_url {
-            loader = loader.endpoint_url(url);
-        }
-        let shared = loader.load().await;
+        let shared = sdk_config(region, settings.endpoint_url.as_deref()).await;
         let iot = aws_sdk_iot::Client::new(&shared);
         let dynamodb = aws_sdk_dynamodb::Client::new(&shared);
         let streams = aws_sdk_dynamodbstreams::Client::new(&shared);
@@ -75,4 +59,27 @@ impl RegionClients {
         let data = aws_sdk_iotdataplane::Client::from_conf(data_config.build());
         Ok(RegionClients { region: region.to_string(), iot, data, dynamodb, streams })
     }
+}
+
+/// The SDK settings every iotdr client in `region` starts from: the
+/// standard credential chain, rustls on ring, no SDK retries (iotdr retries
+/// with its own budget and counts every attempt), short connect timeouts,
+/// and `endpoint_url` when given (else `AWS_ENDPOINT_URL`, else AWS's own).
+pub async fn sdk_config(region: &str, endpoint_url: Option<&str>) -> aws_config::SdkConfig {
+    let http =
+        aws_smithy_http_client::Builder::new().tls_provider(tls::Provider::Rustls(CryptoMode::Ring)).build_https();
+    let mut loader = aws_config::defaults(BehaviorVersion::latest())
+        .region(aws_config::Region::new(region.to_string()))
+        .http_client(http)
+        .retry_config(RetryConfig::disabled())
+        .timeout_config(
+            TimeoutConfig::builder()
+                .connect_timeout(Duration::from_secs(5))
+                .operation_attempt_timeout(Duration::from_secs(30))
+                .build(),
+        );
+    if let Some(url) = endpoint_url {
+        loader = loader.endpoint_url(url);
+    }
+    loader.load().await
 }
