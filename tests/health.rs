@@ -29,8 +29,9 @@ fn region(name: &str, broker: &Broker, endpoint_url: &str) -> String {
     )
 }
 
-/// A DR file for the two brokers; the west region's API is unreachable.
-fn dr_file(dir: &Path, east: &Broker, west: &Broker, moto: &Moto, port: u16) -> std::path::PathBuf {
+/// A DR file for the two brokers on a free port; the west region's API is unreachable.
+fn dr_file(dir: &Path, east: &Broker, west: &Broker, moto: &Moto) -> std::path::PathBuf {
+    let port = free_port();
     let closed = format!("http://127.0.0.1:{}", free_port());
     let text = format!(
         "{}{}[health]\nlisten = \"127.0.0.1:{port}\"\nsecret_file = \"secret\"\ntimeout_ms = 3000\n",
@@ -50,7 +51,9 @@ struct Server {
 }
 
 impl Server {
-    fn start(moto: &Moto, config: &Path, port: u16) -> Server {
+    fn start(moto: &Moto, config: &Path) -> Server {
+        let listen = iotdr::failover::DrConfig::load(config).unwrap().health().unwrap().listen;
+        let port = listen.port();
         let log = config.with_file_name("health.log");
         let child = Command::new(env!("CARGO_BIN_EXE_iotdr"))
             .args(["health", "serve"])
@@ -95,12 +98,8 @@ impl Drop for Server {
 
 #[test]
 fn each_region_answers_on_its_own_evidence_and_the_control_plane_apart() {
-    let moto = Moto::start();
-    let (east, west) = (Broker::start(), Broker::start());
-    let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let config = dr_file(dir.path(), &east, &west, &moto, port);
-    let server = Server::start(&moto, &config, port);
+    let (moto, east, west, dir) = (Moto::start(), Broker::start(), Broker::start(), tempfile::tempdir().unwrap());
+    let server = Server::start(&moto, &dr_file(dir.path(), &east, &west, &moto));
     let secret = format!("?secret={SECRET}");
 
     // Without the secret, or a wrong one: refused before any check.
@@ -143,12 +142,8 @@ fn each_region_answers_on_its_own_evidence_and_the_control_plane_apart() {
 
 #[test]
 fn concurrent_checks_count_only_their_own_messages() {
-    let moto = Moto::start();
-    let (east, west) = (Broker::start(), Broker::start());
-    let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let config = dr_file(dir.path(), &east, &west, &moto, port);
-    let server = Server::start(&moto, &config, port);
+    let (moto, east, west, dir) = (Moto::start(), Broker::start(), Broker::start(), tempfile::tempdir().unwrap());
+    let server = Server::start(&moto, &dr_file(dir.path(), &east, &west, &moto));
     let reports: Vec<(u16, Value)> = std::thread::scope(|scope| {
         let asks: Vec<_> =
             (0..12).map(|_| scope.spawn(|| server.get(&format!("/health/{WEST}?secret={SECRET}")))).collect();

@@ -29,19 +29,7 @@ struct Shared {
 /// The bearer token of `admin`: its file's first line, else IOTDR_ADMIN_TOKEN.
 /// An address off loopback without one is refused.
 pub fn token(admin: &crate::config::Admin) -> Result<Option<String>, String> {
-    let token = match &admin.token_file {
-        Some(file) => Some(
-            std::fs::read_to_string(file)
-                .map_err(|e| format!("admin.token_file {}: {e}", file.display()))?
-                .lines()
-                .next()
-                .unwrap_or_default()
-                .trim()
-                .to_string(),
-        ),
-        None => std::env::var("IOTDR_ADMIN_TOKEN").ok(),
-    }
-    .filter(|t| !t.is_empty());
+    let token = crate::config::read_secret(admin.token_file.as_deref(), "admin.token_file", "IOTDR_ADMIN_TOKEN")?;
     if token.is_none() && !admin.listen.ip().is_loopback() {
         return Err(format!(
             "admin.listen {} is not a loopback address: set admin.token_file or IOTDR_ADMIN_TOKEN, \

@@ -783,6 +783,24 @@ fn stage_limits(raw: &RawLimits) -> Result<StageLimits, String> {
     })
 }
 
+/// A shared secret: the first line of `file` (named `setting` in errors),
+/// else the environment variable `env`; none when empty or unset.
+pub fn read_secret(file: Option<&Path>, setting: &str, env: &str) -> Result<Option<String>, String> {
+    let secret = match file {
+        Some(file) => Some(
+            std::fs::read_to_string(file)
+                .map_err(|e| format!("{setting} {}: {e}", file.display()))?
+                .lines()
+                .next()
+                .unwrap_or_default()
+                .trim()
+                .to_string(),
+        ),
+        None => std::env::var(env).ok(),
+    };
+    Ok(secret.filter(|s| !s.is_empty()))
+}
+
 /// AWS region names: lowercase words and a number (`eu-west-1`, `us-gov-west-1`).
 pub fn check_region(name: &str) -> Result<(), String> {
     let parts: Vec<&str> = name.split('-').collect();

@@ -280,6 +280,13 @@ impl DrConfig {
         ConfigError { file: self.file.clone(), line: 0, column: 0, message: format!("no {table} table") }
     }
 
+    /// The secret health checks want (`?secret=`): `[health] secret_file`,
+    /// else IOTDR_HEALTH_SECRET.
+    pub fn health_secret(&self) -> Result<Option<String>, String> {
+        let file = self.health.as_ref().and_then(|h| h.secret_file.as_deref());
+        crate::config::read_secret(file, "health.secret_file", "IOTDR_HEALTH_SECRET")
+    }
+
     /// The files a region's health check connects with.
     pub fn credentials(&self, region: &str) -> Option<&Credentials> {
         let region = self.regions.get(region)?;

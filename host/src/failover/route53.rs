@@ -184,19 +184,7 @@ impl Route53 {
     pub async fn connect(config: &DrConfig) -> Result<Route53, String> {
         let failover = config.failover().map_err(|e| e.to_string())?.clone();
         let shared = crate::aws::sdk_config("us-east-1", failover.endpoint_url.as_deref()).await;
-        let secret = match config.health.as_ref().and_then(|h| h.secret_file.as_ref()) {
-            Some(file) => Some(
-                std::fs::read_to_string(file)
-                    .map_err(|e| format!("health.secret_file {}: {e}", file.display()))?
-                    .lines()
-                    .next()
-                    .unwrap_or_default()
-                    .trim()
-                    .to_string(),
-            ),
-            None => std::env::var("IOTDR_HEALTH_SECRET").ok(),
-        }
-        .filter(|s| !s.is_empty());
+        let secret = config.health_secret()?;
         let hosts =
             config.regions.iter().map(|(name, region)| (name.clone(), region.mqtt_host().to_string())).collect();
         Ok(Route53 { client: aws_sdk_route53::Client::new(&shared), config: failover, hosts, secret })

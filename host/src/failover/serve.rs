@@ -38,19 +38,7 @@ struct Regions {
 /// files and the secret), then serves on `listener` until the process ends.
 pub async fn serve(config: &DrConfig, listener: tokio::net::TcpListener) -> Result<(), String> {
     let health = config.health().map_err(|e| e.to_string())?;
-    let secret = match &health.secret_file {
-        Some(file) => Some(
-            std::fs::read_to_string(file)
-                .map_err(|e| format!("health.secret_file {}: {e}", file.display()))?
-                .lines()
-                .next()
-                .unwrap_or_default()
-                .trim()
-                .to_string(),
-        ),
-        None => std::env::var("IOTDR_HEALTH_SECRET").ok(),
-    }
-    .filter(|s| !s.is_empty());
+    let secret = config.health_secret()?;
     let mut checks = BTreeMap::new();
     let mut control_planes = BTreeMap::new();
     for (name, region) in &config.regions {
