@@ -200,3 +200,105 @@ async fn records_are_made_once_then_promoted_and_failed_back() {
     assert!(replaced.iter().all(|c| c.2 == 10 && !ids(&checks).contains(&c.0)), "{replaced:?}");
     assert_eq!(primary_of(&records, &replaced), (EAST_HOST.into(), replaced[1].1.clone(), "us-east-1".into()));
 }
+
+/// `iotdr failover watch` on two real brokers: the primary's broker stops,
+/// the secondary is promoted after `failure_threshold` failed checks in a
+/// row; it comes back, and with `auto_failback` the primary is promoted again.
+#[test]
+fn the_watch_fails_over_when_the_primary_broker_stops_and_back_when_it_returns() {
+    use common::broker::Broker;
+    use std::io::BufRead;
+    let moto = Moto::start();
+    let (east, west) = (Broker::start(), Broker::start());
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let route53 = runtime.block_on(async { aws_sdk_route53::Client::new(&moto.sdk_config("us-east-1").await) });
+    let zone = runtime.block_on(async {
+        let zone = route53.create_hosted_zone().name("drill.test").caller_reference("watch").send().await.unwrap();
+        zone.hosted_zone().unwrap().id().to_string()
+    });
+    let region = |name: &str, broker: &Broker| {
+        let path = |file: &str| broker.file(file).display().to_string();
+        format!(
+            "[regions.{name}]\nmqtt_endpoint = \"{}\"\nca = \"{}\"\ncertificate = \"{}\"\nprivate_key = \"{}\"\n",
+            broker.endpoint(),
+            path("ca.crt"),
+            path("client.crt"),
+            path("client.key")
+        )
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("dr.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "{}{}[health]\nlisten = \"127.0.0.1:1\"\ntimeout_ms = 1000\n\
+             [failover]\nhosted_zone_id = \"{zone}\"\nname = \"iot.drill.test\"\nprimary = \"us-east-1\"\n\
+             secondary = \"eu-west-1\"\nendpoint_url = \"{}\"\nwatch_interval_ms = 300\nauto_failback = true\n\
+             health_check = {{ fqdn = \"health.drill.test\", failure_threshold = 2 }}\n",
+            region("us-east-1", &east),
+            region("eu-west-1", &west),
+            moto.url
+        ),
+    )
+    .unwrap();
+    let log = dir.path().join("watch.log");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_iotdr"))
+        .args(["failover", "watch"])
+        .arg(&config)
+        .envs(moto.env())
+        .env("IOTDR_LOG", common::log_filter())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let (tx, decisions) = std::sync::mpsc::channel::<Value>();
+    let stdout = child.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(serde_json::from_str(&line).unwrap_or(Value::String(line)));
+        }
+    });
+    let next_decision = |what: &str| {
+        let decision = decisions.recv_timeout(std::time::Duration::from_secs(30));
+        let log = std::fs::read_to_string(&log).unwrap_or_default();
+        common::assert_no_secrets("iotdr failover watch", &log);
+        decision.unwrap_or_else(|_| panic!("no {what} decision; the watch's log:\n{log}"))
+    };
+    let txt_primary = || {
+        runtime.block_on(async {
+            let (_, records) = route53_state(&route53, &zone).await;
+            let txt = records.iter().find(|r| r["type"] == "TXT").expect("the TXT record").clone();
+            let decision: Value =
+                serde_json::from_str(&iotdr::failover::route53::txt_text(txt["value"].as_str().unwrap())).unwrap();
+            decision["primary"].as_str().unwrap().to_string()
+        })
+    };
+
+    // Healthy: no decision for a while (the records are made with the configured primary).
+    assert!(decisions.recv_timeout(std::time::Duration::from_millis(1500)).is_err(), "a decision without a failure");
+    assert_eq!(txt_primary(), "us-east-1");
+
+    let stopped = std::time::Instant::now();
+    east.stop();
+    let decision = next_decision("failover");
+    let after = stopped.elapsed();
+    assert_eq!(
+        (decision["action"].as_str(), decision["primary"].as_str()),
+        (Some("promote"), Some("eu-west-1")),
+        "{decision}"
+    );
+    assert!(decision["checks_in_a_row"].as_u64() >= Some(2), "{decision}");
+    assert!(after >= std::time::Duration::from_millis(300), "decided after {after:?}: before two checks could fail");
+    assert_eq!(txt_primary(), "eu-west-1");
+
+    east.restart(false);
+    let decision = next_decision("failback");
+    assert_eq!(
+        (decision["action"].as_str(), decision["primary"].as_str()),
+        (Some("failback"), Some("us-east-1")),
+        "{decision}"
+    );
+    assert_eq!(txt_primary(), "us-east-1");
+    let _ = child.kill();
+    let _ = child.wait();
+}

@@ -196,6 +196,10 @@ enum FailoverCommand {
         #[arg(long)]
         dry_run: bool,
     },
+    /// Checks both regions every `watch_interval_ms` and promotes the other
+    /// one when the serving primary fails `failure_threshold` checks in a
+    /// row (and back, with `auto_failback`); prints each decision as a JSON line.
+    Watch { config: PathBuf },
     /// Shows the decision, the records and Route 53's view of each health check.
     Status {
         config: PathBuf,
@@ -869,11 +873,20 @@ async fn health(command: HealthCommand) -> Result<ExitCode> {
 
 async fn failover(command: FailoverCommand) -> Result<ExitCode> {
     use iotdr::failover::{DrConfig, Route53};
+    if let FailoverCommand::Watch { config: file } = &command {
+        let config = DrConfig::load(file)?;
+        let print = |decided: &iotdr::failover::watch::Decided| {
+            println!("{}", serde_json::to_string(decided).expect("a decision is JSON"));
+        };
+        iotdr::failover::watch::watch(&config, &print).await.map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+        return Ok(ExitCode::SUCCESS);
+    }
     let (file, primary, dry_run) = match &command {
         FailoverCommand::Apply { config, dry_run } => (config, None, *dry_run),
         FailoverCommand::Promote { config, region, dry_run } => (config, Some(region.clone()), *dry_run),
         FailoverCommand::Failback { config, dry_run } => (config, None, *dry_run),
         FailoverCommand::Status { config, .. } => (config, None, true),
+        FailoverCommand::Watch { .. } => unreachable!("watched above"),
     };
     let config = DrConfig::load(file)?;
     let failover = config.failover()?;

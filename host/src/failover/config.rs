@@ -92,6 +92,12 @@ pub struct Failover {
     pub health_check: HealthCheck,
     /// Where the Route 53 API is (an emulator); else `AWS_ENDPOINT_URL`, else AWS's own.
     pub endpoint_url: Option<String>,
+    /// How often `iotdr failover watch` checks both regions (default: the
+    /// health check's interval).
+    pub watch_interval: Duration,
+    /// Whether `watch` sends devices back to the primary once it passes
+    /// `failure_threshold` checks in a row again (default: no, people do).
+    pub auto_failback: bool,
 }
 
 /// One Route 53 health check per region, probing `iotdr health serve`.
@@ -246,7 +252,19 @@ impl DrConfig {
                     n @ 0..=86_400 => Ok(n),
                     other => Err(at(v.span(), format!("ttl = {other} is out of range 0..=86400"))),
                 })?;
+                let watch_interval = match &failover.watch_interval_ms {
+                    None => Duration::from_secs(interval as u64),
+                    Some(ms) if (100..=3_600_000).contains(ms.get_ref()) => Duration::from_millis(*ms.get_ref() as u64),
+                    Some(ms) => {
+                        return Err(at(
+                            ms.span(),
+                            format!("watch_interval_ms = {} is out of range 100..=3600000", ms.get_ref()),
+                        ));
+                    }
+                };
                 Some(Failover {
+                    watch_interval,
+                    auto_failback: failover.auto_failback,
                     hosted_zone_id: failover.hosted_zone_id.trim_start_matches("/hostedzone/").to_string(),
                     name,
                     primary,
@@ -346,6 +364,9 @@ struct RawFailover {
     ttl: Option<Spanned<i64>>,
     health_check: Spanned<RawHealthCheck>,
     endpoint_url: Option<String>,
+    watch_interval_ms: Option<Spanned<i64>>,
+    #[serde(default)]
+    auto_failback: bool,
 }
 
 #[derive(Deserialize)]

@@ -7,6 +7,7 @@ pub mod check;
 pub mod config;
 pub mod route53;
 pub mod serve;
+pub mod watch;
 
 pub use check::{CheckReport, MqttCheck};
 pub use config::DrConfig;
