@@ -5,7 +5,11 @@
 #   scripts/mosquitto.sh start DIR    certificates made in DIR when missing (ca.crt,
 #                                     server.*, client.crt/client.key), a broker on a
 #                                     free 127.0.0.1 port with its persistence in DIR;
-#                                     prints only the port on stdout
+#                                     prints only the port on stdout. MOSQUITTO_ADDRESS
+#                                     and MOSQUITTO_PORT choose another address (the
+#                                     server certificate is good for 127.0.0.1 and
+#                                     127.0.0.2) and port; certificates copied into DIR
+#                                     first are used as they are (two brokers, one CA)
 #   scripts/mosquitto.sh stop DIR     stops the broker started in DIR
 #   scripts/mosquitto.sh restart DIR [--forget-sessions]
 #                                     the same broker again, on the same port; with
@@ -36,7 +40,7 @@ make_certificates() {
             openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
                 -keyout "$who.key" -out "$who.csr" -subj "/CN=iotdr-test-$who"
         done
-        printf 'subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n' >server.ext
+        printf 'subjectAltName=DNS:localhost,IP:127.0.0.1,IP:127.0.0.2\nextendedKeyUsage=serverAuth\n' >server.ext
         printf 'extendedKeyUsage=clientAuth\n' >client.ext
         for who in server client; do
             openssl x509 -req -in "$who.csr" -CA ca.crt -CAkey ca.key -CAcreateserial -days 3 \
@@ -55,8 +59,8 @@ cmd_start() {
     mkdir -p "$dir"
     dir=$(cd "$dir" && pwd)
     make_certificates "$dir"
-    local port
-    port=$(free_port)
+    local port=${MOSQUITTO_PORT:-} address=${MOSQUITTO_ADDRESS:-127.0.0.1}
+    [[ -n $port ]] || port=$(free_port)
     mkdir -p "$dir/data"
     cat >"$dir/mosquitto.conf" <<CONF
 per_listener_settings false
@@ -67,23 +71,23 @@ max_queued_messages 100000
 pid_file $dir/mosquitto.pid
 log_dest file $dir/mosquitto.log
 user $(id -un)
-listener $port 127.0.0.1
+listener $port $address
 cafile $dir/ca.crt
 certfile $dir/server.crt
 keyfile $dir/server.key
 require_certificate true
 use_identity_as_username true
 CONF
-    launch "$dir" "$port"
+    launch "$dir" "$port" "$address"
 }
 
-# Starts the broker configured in DIR and waits until PORT answers.
+# Starts the broker configured in DIR and waits until ADDRESS:PORT answers.
 launch() {
-    local dir=$1 port=$2 mosquitto
+    local dir=$1 port=$2 address=$3 mosquitto
     mosquitto=$(command -v mosquitto || echo /usr/sbin/mosquitto)
     "$mosquitto" -c "$dir/mosquitto.conf" -d
     for _ in $(seq 100); do
-        if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+        if (exec 3<>"/dev/tcp/$address/$port") 2>/dev/null; then
             echo "$port"
             return 0
         fi
@@ -95,13 +99,14 @@ launch() {
 }
 
 cmd_restart() {
-    local dir=${1:?usage: mosquitto.sh restart DIR [--forget-sessions]} port
+    local dir=${1:?usage: mosquitto.sh restart DIR [--forget-sessions]} port address
     dir=$(cd "$dir" && pwd)
     port=$(sed -n 's/^listener \([0-9]*\) .*/\1/p' "$dir/mosquitto.conf")
+    address=$(sed -n 's/^listener [0-9]* \(.*\)$/\1/p' "$dir/mosquitto.conf")
     cmd_stop "$dir"
     # The broker's persistence is its sessions and their queued messages.
     [[ ${2:-} == --forget-sessions ]] && rm -rf "${dir:?}/data" && mkdir -p "$dir/data"
-    launch "$dir" "$port"
+    launch "$dir" "$port" "$address"
 }
 
 cmd_stop() {

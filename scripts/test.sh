@@ -10,6 +10,8 @@ say "installing the moto AWS emulator"
 bash "$ROOT/scripts/moto.sh" install
 # The MQTT tests start their own mosquitto brokers (Debian's package).
 bash "$ROOT/scripts/mosquitto.sh" install
+# The failover tests answer DNS with their own dnsmasq (Debian's dnsmasq-base).
+bash "$ROOT/scripts/dnsmasq.sh" install
 say "cargo clippy"
 cargo clippy --quiet --workspace --all-targets -- -D warnings
 say "cargo test"

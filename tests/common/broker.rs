@@ -13,9 +13,25 @@ pub struct Broker {
 
 impl Broker {
     pub fn start() -> Broker {
+        Broker::start_at(None, None)
+    }
+
+    /// A broker on `address` (127.0.0.1 or 127.0.0.2) and a port given or
+    /// free, with the certificates of `like` when given (one CA for both).
+    pub fn start_at(address_port: Option<(&str, u16)>, like: Option<&Broker>) -> Broker {
         let dir = tempfile::tempdir().unwrap();
+        if let Some(like) = like {
+            for file in ["ca.crt", "ca.key", "server.crt", "server.key", "client.crt", "client.key"] {
+                std::fs::copy(like.file(file), dir.path().join(file)).unwrap();
+            }
+        }
         let script = super::root().join("scripts/mosquitto.sh");
-        let out = Command::new("bash").arg(&script).arg("start").arg(dir.path()).output().expect("bash runs");
+        let mut command = Command::new("bash");
+        command.arg(&script).arg("start").arg(dir.path());
+        if let Some((address, port)) = address_port {
+            command.env("MOSQUITTO_ADDRESS", address).env("MOSQUITTO_PORT", port.to_string());
+        }
+        let out = command.output().expect("bash runs");
         assert!(out.status.success(), "scripts/mosquitto.sh start failed:\n{}", String::from_utf8_lossy(&out.stderr));
         let port = String::from_utf8_lossy(&out.stdout).trim().parse().expect("a port");
         Broker { port, dir }

@@ -3,6 +3,7 @@
 #![allow(dead_code)] // each test file uses a different part of this
 
 pub mod broker;
+pub mod dns;
 pub mod faults;
 pub mod fleet;
 pub mod moto;

@@ -1,0 +1,94 @@
+#!/usr/bin/env bash
+# A local authoritative DNS server (Debian's dnsmasq-base) for the failover
+# tests and the drill: it answers for the names in DIR/records.conf (cname=,
+# txt-record=, host-record= lines) and nothing else.
+#
+#   scripts/dnsmasq.sh install       apt-get install dnsmasq-base, when it is missing
+#   scripts/dnsmasq.sh start DIR     a server on a free 127.0.0.1 port (UDP and TCP);
+#                                    prints only the port on stdout
+#   scripts/dnsmasq.sh reload DIR    the same server again on the same port, reading
+#                                    DIR/records.conf anew (dnsmasq reads cname= only
+#                                    at start: SIGHUP does not reload it)
+#   scripts/dnsmasq.sh stop DIR
+# Answers carry TTL 0. Log: DIR/dnsmasq.log; pid: DIR/dnsmasq.pid.
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+
+dnsmasq_bin() {
+    command -v dnsmasq 2>/dev/null || echo /usr/sbin/dnsmasq
+}
+
+cmd_install() {
+    [[ -x $(dnsmasq_bin) ]] && return 0
+    say "installing Debian's dnsmasq-base"
+    if ! DEBIAN_FRONTEND=noninteractive apt-get install -y dnsmasq-base >&2; then
+        apt-get update >&2
+        DEBIAN_FRONTEND=noninteractive apt-get install -y dnsmasq-base >&2
+    fi
+}
+
+free_port() {
+    python3 -c 'import socket; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+
+launch() {
+    local dir=$1 port=$2
+    : >"$dir/dnsmasq.log"
+    "$(dnsmasq_bin)" --conf-file=/dev/null --conf-file="$dir/records.conf" \
+        --port="$port" --listen-address=127.0.0.1 --bind-interfaces \
+        --no-resolv --no-hosts --no-poll --local-ttl=0 --user="$(id -un)" \
+        --pid-file="$dir/dnsmasq.pid" --log-facility="$dir/dnsmasq.log" >&2 || {
+        echo "dnsmasq did not start; its log:" >&2
+        cat "$dir/dnsmasq.log" >&2 || true
+        exit 1
+    }
+    for _ in $(seq 100); do
+        if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+            echo "$port"
+            return 0
+        fi
+        sleep 0.05
+    done
+    echo "dnsmasq did not answer on port $port; its log:" >&2
+    cat "$dir/dnsmasq.log" >&2 || true
+    exit 1
+}
+
+cmd_start() {
+    local dir=${1:?usage: dnsmasq.sh start DIR}
+    cmd_install
+    dir=$(cd "$dir" && pwd)
+    [[ -f $dir/records.conf ]] || : >"$dir/records.conf"
+    local port
+    port=$(free_port)
+    echo "$port" >"$dir/port"
+    launch "$dir" "$port"
+}
+
+cmd_stop() {
+    local dir=${1:?usage: dnsmasq.sh stop DIR} pid
+    [[ -f $dir/dnsmasq.pid ]] || return 0
+    pid=$(<"$dir/dnsmasq.pid")
+    if [[ $pid =~ ^[0-9]+$ ]] && grep -qa dnsmasq "/proc/$pid/cmdline" 2>/dev/null; then
+        kill "$pid" 2>/dev/null || true
+        for _ in $(seq 100); do
+            kill -0 "$pid" 2>/dev/null || break
+            sleep 0.02
+        done
+    fi
+    rm -f "$dir/dnsmasq.pid"
+}
+
+cmd_reload() {
+    local dir=${1:?usage: dnsmasq.sh reload DIR}
+    dir=$(cd "$dir" && pwd)
+    cmd_stop "$dir"
+    launch "$dir" "$(<"$dir/port")"
+}
+
+case ${1:-} in
+    install) cmd_install ;;
+    start) cmd_start "${2:-}" ;;
+    reload) cmd_reload "${2:-}" ;;
+    stop) cmd_stop "${2:-}" ;;
+    *) echo "usage: $0 install | start DIR | reload DIR | stop DIR" >&2; exit 2 ;;
+esac
