@@ -122,7 +122,12 @@ impl Device {
             None => Resolver::builder_tokio()?,
         };
         // Every read goes to the server: a failover must be seen at once.
-        builder.options_mut().cache_size = 0;
+        // A server that does not answer is asked again soon rather than
+        // waited for (the resolver's default is 5 s per try).
+        let options = builder.options_mut();
+        options.cache_size = 0;
+        options.timeout = settings.recheck.clamp(Duration::from_millis(200), Duration::from_secs(2));
+        options.attempts = 2;
         Ok(Device { settings, resolver: builder.build(), tls, seq: 0 })
     }
 
