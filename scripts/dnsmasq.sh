@@ -26,8 +26,22 @@ cmd_install() {
     fi
 }
 
+# A port free for both UDP and TCP on 127.0.0.1 (dnsmasq listens on both).
 free_port() {
-    python3 -c 'import socket; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+    python3 - <<'PY'
+import socket
+while True:
+    u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    u.bind(("127.0.0.1", 0))
+    port = u.getsockname()[1]
+    t = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        t.bind(("127.0.0.1", port))
+    except OSError:
+        continue
+    print(port)
+    break
+PY
 }
 
 launch() {
@@ -70,10 +84,14 @@ cmd_stop() {
     pid=$(<"$dir/dnsmasq.pid")
     if [[ $pid =~ ^[0-9]+$ ]] && grep -qa dnsmasq "/proc/$pid/cmdline" 2>/dev/null; then
         kill "$pid" 2>/dev/null || true
-        for _ in $(seq 100); do
+        for _ in $(seq 250); do
             kill -0 "$pid" 2>/dev/null || break
             sleep 0.02
         done
+        if kill -0 "$pid" 2>/dev/null; then
+            kill -9 "$pid" 2>/dev/null || true
+            sleep 0.1
+        fi
     fi
     rm -f "$dir/dnsmasq.pid"
 }

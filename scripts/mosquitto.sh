@@ -27,7 +27,7 @@ cmd_install() {
     fi
 }
 
-# A CA, a server certificate for localhost/127.0.0.1 and a client certificate (P-256).
+# A CA, a server certificate for localhost, 127.0.0.1 and 127.0.0.2, and a client certificate (P-256).
 make_certificates() {
     local dir=$1
     [[ -f $dir/client.key ]] && return 0

@@ -242,6 +242,14 @@ fn the_watch_fails_over_when_the_primary_broker_stops_and_back_when_it_returns()
     )
     .unwrap();
     let log = dir.path().join("watch.log");
+    /// Killed when the test ends, passing or not.
+    struct Watch(std::process::Child);
+    impl Drop for Watch {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
     let mut child = Command::new(env!("CARGO_BIN_EXE_iotdr"))
         .args(["failover", "watch"])
         .arg(&config)
@@ -250,9 +258,10 @@ fn the_watch_fails_over_when_the_primary_broker_stops_and_back_when_it_returns()
         .stdout(std::process::Stdio::piped())
         .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
+        .map(Watch)
         .unwrap();
     let (tx, decisions) = std::sync::mpsc::channel::<Value>();
-    let stdout = child.stdout.take().unwrap();
+    let stdout = child.0.stdout.take().unwrap();
     std::thread::spawn(move || {
         for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
             let _ = tx.send(serde_json::from_str(&line).unwrap_or(Value::String(line)));
@@ -264,14 +273,19 @@ fn the_watch_fails_over_when_the_primary_broker_stops_and_back_when_it_returns()
         common::assert_no_secrets("iotdr failover watch", &log);
         decision.unwrap_or_else(|_| panic!("no {what} decision; the watch's log:\n{log}"))
     };
+    // The TXT record's primary, once the watch has written one.
     let txt_primary = || {
-        runtime.block_on(async {
-            let (_, records) = route53_state(&route53, &zone).await;
-            let txt = records.iter().find(|r| r["type"] == "TXT").expect("the TXT record").clone();
-            let decision: Value =
-                serde_json::from_str(&iotdr::failover::route53::txt_text(txt["value"].as_str().unwrap())).unwrap();
-            decision["primary"].as_str().unwrap().to_string()
-        })
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            let (_, records) = runtime.block_on(route53_state(&route53, &zone));
+            if let Some(txt) = records.iter().find(|r| r["type"] == "TXT") {
+                let text = iotdr::failover::route53::txt_text(txt["value"].as_str().unwrap());
+                let decision: Value = serde_json::from_str(&text).unwrap();
+                return decision["primary"].as_str().unwrap().to_string();
+            }
+            assert!(std::time::Instant::now() < deadline, "the watch wrote no TXT record");
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
     };
 
     // Healthy: no decision for a while (the records are made with the configured primary).
@@ -299,6 +313,5 @@ fn the_watch_fails_over_when_the_primary_broker_stops_and_back_when_it_returns()
         "{decision}"
     );
     assert_eq!(txt_primary(), "us-east-1");
-    let _ = child.kill();
-    let _ = child.wait();
+    drop(child);
 }

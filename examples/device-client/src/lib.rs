@@ -140,7 +140,10 @@ impl Device {
                 .map(|record| record.txt_data().iter().map(|part| String::from_utf8_lossy(part)).collect::<String>())
                 .find_map(|text| serde_json::from_str::<serde_json::Value>(&text).ok())
                 .and_then(|decision| decision["primary"].as_str().map(str::to_string)),
-            Err(_) => None,
+            // No TXT record: follow the CNAME. Any other failure (a timeout)
+            // fails this read, and the device stays where it is.
+            Err(e) if e.is_no_records_found() || e.is_nx_domain() => None,
+            Err(e) => return Err(e.into()),
         };
         let host = match primary.as_ref().and_then(|p| self.settings.endpoints.get(p)) {
             Some(host) => host.clone(),
@@ -213,8 +216,9 @@ impl Device {
                         connected = true;
                         tell(Happened::Connected { at_ms: now_ms(), target: target.clone() });
                         let _ = client.try_subscribe(format!("$aws/things/{}/shadow/update/delta", settings.thing), QoS::AtLeastOnce);
-                        let _ = client.try_publish(format!("$aws/things/{}/shadow/get", settings.thing), QoS::AtLeastOnce, false, "{}");
-                        sent.push((0, "shadow/get".into()));
+                        if client.try_publish(format!("$aws/things/{}/shadow/get", settings.thing), QoS::AtLeastOnce, false, "{}").is_ok() {
+                            sent.push((0, "shadow/get".into()));
+                        }
                     }
                     Ok(Event::Outgoing(rumqttc::Outgoing::Publish(pkid))) => {
                         if !sent.is_empty() {

@@ -250,7 +250,7 @@ pub async fn run(options: &Options, say: Box<dyn Fn(&str) + Send + Sync>) -> any
         primary_api.freeze(true);
     });
     let decided = wait_for("the failover decision", Duration::from_secs(120), || {
-        decisions.lock().unwrap().iter().find(|(_, d)| d["action"] == "promote").map(|(at, _)| *at)
+        decisions.lock().unwrap().iter().find(|(at, d)| d["action"] == "promote" && *at >= stopped).map(|(at, _)| *at)
     })
     .await?;
     timeline.note(format!("failover decided ({} ms after the outage began)", (decided - stopped).as_millis()));

@@ -81,7 +81,23 @@ impl MqttCheck {
         })
     }
 
-    /// Runs one check; never longer than the timeout (plus the disconnect).
+    /// The report of a check not made: every turn was taken for too long.
+    pub fn busy(&self) -> CheckReport {
+        CheckReport {
+            region: self.region.clone(),
+            healthy: false,
+            endpoint: format!("{}:{}", self.host, self.port),
+            client_id: String::new(),
+            sent: 0,
+            received: 0,
+            connect_ms: None,
+            round_trip_ms: None,
+            latency_ms: self.timeout.as_millis() as u64,
+            failure: Some("too many checks at once: no turn within the timeout".into()),
+        }
+    }
+
+    /// Runs one check; never longer than the timeout.
     pub async fn run(&self) -> CheckReport {
         let started = Instant::now();
         let nonce = format!("{:016x}", fastrand::u64(..));
@@ -167,16 +183,18 @@ impl MqttCheck {
                 })
             }
         }
-        // A polite goodbye, briefly: the verdict is made.
+        // A polite goodbye, after the verdict and without delaying it.
         if client.try_disconnect().is_ok() && report.connect_ms.is_some() {
-            let _ = tokio::time::timeout(Duration::from_millis(200), async {
-                while let Ok(event) = events.poll().await {
-                    if matches!(event, Event::Outgoing(rumqttc::Outgoing::Disconnect)) {
-                        break;
+            tokio::spawn(async move {
+                let _ = tokio::time::timeout(Duration::from_millis(500), async {
+                    while let Ok(event) = events.poll().await {
+                        if matches!(event, Event::Outgoing(rumqttc::Outgoing::Disconnect)) {
+                            break;
+                        }
                     }
-                }
-            })
-            .await;
+                })
+                .await;
+            });
         }
         report
     }

@@ -233,11 +233,20 @@ impl DrConfig {
                     ));
                 }
                 let check = failover.health_check.into_inner();
-                let https = match check.r#type.as_deref() {
-                    None | Some("HTTPS") => true,
-                    Some("HTTP") => false,
-                    Some(other) => {
-                        return Err(at(0..0, format!("failover.health_check.type `{other}`: HTTPS or HTTP")));
+                // HTTP by default: `iotdr health serve` speaks plain HTTP; HTTPS
+                // needs a TLS terminator in front of it (docs/failover.md).
+                let https = match check.r#type.as_ref().map(|t| (t.get_ref().as_str(), t.span())) {
+                    None | Some(("HTTP", _)) => false,
+                    Some(("HTTPS", _)) => true,
+                    Some((other, span)) => {
+                        return Err(at(span, format!("type `{other}`: HTTP or HTTPS")));
+                    }
+                };
+                let port = match &check.port {
+                    None => None,
+                    Some(port) if (1..=65_535).contains(port.get_ref()) => Some(*port.get_ref() as i32),
+                    Some(port) => {
+                        return Err(at(port.span(), format!("port = {} is out of range 1..=65535", port.get_ref())));
                     }
                 };
                 let interval = check.interval.map_or(Ok(30), |v| match *v.get_ref() {
@@ -272,7 +281,7 @@ impl DrConfig {
                     ttl,
                     health_check: HealthCheck {
                         fqdn: check.fqdn,
-                        port: check.port.unwrap_or(if https { 443 } else { 80 }),
+                        port: port.unwrap_or(if https { 443 } else { 80 }),
                         https,
                         interval,
                         failure_threshold: threshold,
@@ -299,10 +308,19 @@ impl DrConfig {
     }
 
     /// The secret health checks want (`?secret=`): `[health] secret_file`,
-    /// else IOTDR_HEALTH_SECRET.
+    /// else IOTDR_HEALTH_SECRET. It travels in a URL's query string, so it
+    /// is held to the characters that need no encoding there.
     pub fn health_secret(&self) -> Result<Option<String>, String> {
         let file = self.health.as_ref().and_then(|h| h.secret_file.as_deref());
-        crate::config::read_secret(file, "health.secret_file", "IOTDR_HEALTH_SECRET")
+        let secret = crate::config::read_secret(file, "health.secret_file", "IOTDR_HEALTH_SECRET")?;
+        if let Some(secret) = &secret
+            && !secret.bytes().all(|b| b.is_ascii_alphanumeric() || b"._~-".contains(&b))
+        {
+            let from =
+                file.map_or("IOTDR_HEALTH_SECRET".to_string(), |f| format!("health.secret_file {}", f.display()));
+            return Err(format!("{from}: the secret may hold only letters, digits and . _ ~ - (it goes in a URL)"));
+        }
+        Ok(secret)
     }
 
     /// The files a region's health check connects with.
@@ -373,8 +391,8 @@ struct RawFailover {
 #[serde(deny_unknown_fields)]
 struct RawHealthCheck {
     fqdn: String,
-    port: Option<i32>,
-    r#type: Option<String>,
+    port: Option<Spanned<i64>>,
+    r#type: Option<Spanned<String>>,
     interval: Option<Spanned<i64>>,
     failure_threshold: Option<Spanned<i64>>,
 }
@@ -407,8 +425,8 @@ mod tests {
             failover.health_check,
             HealthCheck {
                 fqdn: "health.example.com".into(),
-                port: 443,
-                https: true,
+                port: 80,
+                https: false,
                 interval: 30,
                 failure_threshold: 3
             }
@@ -444,5 +462,12 @@ mod tests {
             parse(&format!("{REGIONS}[health]\nlisten = \"127.0.0.1:1\"\nmesages = 2\n")).unwrap_err().to_string();
         assert!(error.contains("mesages"), "{error}");
         assert!(parse("").unwrap_err().to_string().contains("no [regions.<name>] table"));
+        let typed = parse(&format!(
+            "{REGIONS}[failover]\nhosted_zone_id = \"Z1\"\nname = \"iot.example.com\"\nprimary = \"us-east-1\"\n\
+             secondary = \"eu-west-1\"\nhealth_check = {{ fqdn = \"h.example.com\", type = \"TCP\" }}\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(typed.contains(":10:") && typed.contains("type `TCP`: HTTP or HTTPS"), "{typed}");
     }
 }

@@ -1,8 +1,9 @@
 //! `iotdr failover`: the Route 53 side of a failover (`aws-sdk-route53`).
 //!
 //! - one health check per region, probing `iotdr health serve` at
-//!   `/health/<region>` (found again by its domain name and path, so a second
-//!   run updates instead of adding);
+//!   `/health/<region>` (found again by its caller reference, which names
+//!   the failover name and the region, so a second run updates instead of
+//!   adding, and another DR file's checks are left alone);
 //! - the failover CNAME pair for the devices' endpoint name: set identifiers
 //!   `iotdr-primary` (failover PRIMARY) and `iotdr-secondary` (SECONDARY),
 //!   each pointing at a region's MQTT host with that region's health check;
@@ -32,8 +33,9 @@ pub struct Decision {
     pub secondary: String,
 }
 
-/// What a region's Route 53 health check probes, and how.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+/// What a region's Route 53 health check probes, and how. Its path may
+/// hold the secret: it is neither serialized nor shown whole (`Debug` masks it).
+#[derive(Clone, PartialEq)]
 pub struct CheckSettings {
     pub https: bool,
     pub fqdn: String,
@@ -42,6 +44,12 @@ pub struct CheckSettings {
     pub resource_path: String,
     pub interval: i32,
     pub failure_threshold: i32,
+}
+
+impl std::fmt::Debug for CheckSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.describe())
+    }
 }
 
 impl CheckSettings {
@@ -69,7 +77,7 @@ impl CheckSettings {
 }
 
 /// A health check Route 53 holds.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ExistingCheck {
     pub id: String,
     pub settings: CheckSettings,
@@ -88,7 +96,7 @@ pub struct Record {
 }
 
 /// What Route 53 holds for this failover.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default)]
 pub struct Current {
     /// Per region, the health checks probing its `/health/<region>`.
     pub health_checks: BTreeMap<String, Vec<ExistingCheck>>,
@@ -207,6 +215,15 @@ impl Route53 {
         }
     }
 
+    /// How the caller references of this name's health check of `region`
+    /// begin: `iotdr-<hash of the name>-<region>-`.
+    fn reference_prefix(&self, region: &str) -> String {
+        use sha2::Digest;
+        let hash = sha2::Sha256::digest(self.config.name.as_bytes());
+        let short: String = hash.iter().take(6).map(|b| format!("{b:02x}")).collect();
+        format!("iotdr-{short}-{region}-")
+    }
+
     fn regions(&self) -> [&str; 2] {
         [&self.config.primary, &self.config.secondary]
     }
@@ -224,19 +241,21 @@ impl Route53 {
                 .await
                 .map_err(failed("ListHealthChecks"))?;
             for check in page.health_checks() {
-                let Some(config) = check.health_check_config() else { continue };
-                let path = config.resource_path().unwrap_or_default();
-                let region = path.split('?').next().and_then(|p| p.strip_prefix("/health/")).unwrap_or_default();
-                let ours = config.fully_qualified_domain_name() == Some(self.config.health_check.fqdn.as_str())
-                    && self.regions().contains(&region);
-                if !ours {
+                // Ours: made by iotdr for this name (its caller reference says
+                // so), whatever it probes now; another DR file's are left alone.
+                let Some(region) = self
+                    .regions()
+                    .into_iter()
+                    .find(|region| check.caller_reference().starts_with(&self.reference_prefix(region)))
+                else {
                     continue;
-                }
+                };
+                let Some(config) = check.health_check_config() else { continue };
                 let settings = CheckSettings {
                     https: matches!(config.r#type(), HealthCheckType::Https),
-                    fqdn: self.config.health_check.fqdn.clone(),
+                    fqdn: config.fully_qualified_domain_name().unwrap_or_default().to_string(),
                     port: config.port().unwrap_or(0),
-                    resource_path: path.to_string(),
+                    resource_path: config.resource_path().unwrap_or_default().to_string(),
                     interval: config.request_interval().unwrap_or(30),
                     failure_threshold: config.failure_threshold().unwrap_or(3),
                 };
@@ -373,7 +392,8 @@ impl Route53 {
         for step in steps {
             match step {
                 Step::CreateHealthCheck { region, settings } => {
-                    let reference = format!("iotdr-{}-{region}-{:016x}", self.config.name, fastrand::u64(..));
+                    // At most 64 characters: the name goes in as a hash.
+                    let reference = format!("{}{:016x}", self.reference_prefix(&region), fastrand::u64(..));
                     let answer = self
                         .client
                         .create_health_check()

@@ -86,7 +86,11 @@ fn unknown(region: &str) -> Response {
 
 async fn check(regions: &Regions, region: &str) -> Option<CheckReport> {
     let (check, limit) = regions.checks.get(region)?;
-    let _turn = limit.acquire().await.ok()?;
+    // A turn waited for no longer than a check may take: the caller (Route 53
+    // wants an answer within 2 s) hears "busy" rather than nothing.
+    let Ok(Ok(_turn)) = tokio::time::timeout(regions.timeout, limit.acquire()).await else {
+        return Some(check.busy());
+    };
     let report = check.run().await;
     match &report.failure {
         None => tracing::debug!(region, latency_ms = report.latency_ms, "health check passed"),

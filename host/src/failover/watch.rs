@@ -6,8 +6,11 @@
 //! ([`MqttCheck`]). When the serving primary fails `failure_threshold` checks
 //! in a row while the other region passes, the other is promoted. With
 //! `auto_failback`, the configured primary is promoted again once it passes
-//! `failure_threshold` checks in a row. Each decision is printed as a JSON
-//! line on stdout (for drills and scripts) and logged.
+//! `failure_threshold` checks in a row, after a failover the watch made (not
+//! after a switch made by hand). The records are read every round, so
+//! a switch made by hand (`promote`, `failback`) is what the watch goes on
+//! from, and Route 53 unreachable is waited out. Each decision is printed as
+//! a JSON line on stdout (for drills and scripts) and logged.
 
 use super::check::MqttCheck;
 use super::config::DrConfig;
@@ -74,15 +77,27 @@ pub async fn watch(config: &DrConfig, decided: &dyn Fn(&Decided)) -> Result<(), 
         checks.push(MqttCheck::new(region, &config.regions[region].mqtt_endpoint, credentials, health)?);
     }
     let route53 = Route53::connect(config).await?;
-    // The decision in force: the records' (made now when missing).
-    let current = route53.current().await.map_err(|e| e.to_string())?;
-    let (decision, steps) = route53.plan(&current, None);
-    if !steps.is_empty() {
-        route53.execute(steps).await.map_err(|e| e.to_string())?;
-    }
-    let mut serving = decision.primary;
+    // The decision in force: the records' (made now when missing). Route 53
+    // unreachable is waited out: a watch must outlast what it watches.
+    let mut serving = loop {
+        let made = async {
+            let current = route53.current().await?;
+            let (decision, steps) = route53.plan(&current, None);
+            route53.execute(steps).await.map(|()| decision.primary)
+        };
+        match made.await {
+            Ok(primary) => break primary,
+            Err(e) => {
+                tracing::warn!("reading the failover records: {e} (trying again)");
+                tokio::time::sleep(failover.watch_interval).await;
+            }
+        }
+    };
     tracing::info!(primary = serving, interval_ms = failover.watch_interval.as_millis() as u64, "watching");
     let threshold = failover.health_check.failure_threshold as u32;
+    // Whether the watch itself moved devices off the configured primary:
+    // only then does `auto_failback` move them back.
+    let mut failed_over = false;
     let mut streaks: BTreeMap<String, Streak> = BTreeMap::new();
     let mut ticks = tokio::time::interval(failover.watch_interval);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -95,23 +110,42 @@ pub async fn watch(config: &DrConfig, decided: &dyn Fn(&Decided)) -> Result<(), 
                 tracing::info!(region = report.region, failure, "check failed");
             }
         }
+        // The records are the decision: one switched by hand counts too.
+        match route53.current().await {
+            Ok(current) => {
+                if let Some(recorded) = current.decision.filter(|d| d.primary != serving) {
+                    tracing::info!(primary = recorded.primary, "the records were switched by someone else");
+                    serving = recorded.primary;
+                    // A switch made by hand is not undone by auto_failback.
+                    failed_over = false;
+                }
+            }
+            Err(e) => tracing::warn!("reading the failover records: {e}"),
+        }
         let other = if serving == failover.primary { &failover.secondary } else { &failover.primary };
+        let fail_back = failover.auto_failback && failed_over;
         let Some((action, primary, in_a_row)) =
-            decide(&serving, &failover.primary, other, &streaks, threshold, failover.auto_failback)
+            decide(&serving, &failover.primary, other, &streaks, threshold, fail_back)
         else {
             if streaks.values().all(|s| s.failures >= threshold) {
                 tracing::warn!("every region fails its checks: the records stay as they are");
             }
             continue;
         };
-        // Read again: someone may have switched by hand meanwhile.
-        let current = route53.current().await.map_err(|e| e.to_string())?;
-        let (decision, steps) = route53.plan(&current, Some(&primary));
-        // A failure to write is retried at the next round: the streak stands.
-        if let Err(e) = route53.execute(steps).await {
-            tracing::warn!("recording the decision for {primary}: {e}");
-            continue;
-        }
+        // Read again (someone may have switched by hand meanwhile) and write.
+        // A failure is retried at the next round: the streak stands.
+        let recorded = async {
+            let current = route53.current().await?;
+            let (decision, steps) = route53.plan(&current, Some(&primary));
+            route53.execute(steps).await.map(|()| decision)
+        };
+        let decision = match recorded.await {
+            Ok(decision) => decision,
+            Err(e) => {
+                tracing::warn!("recording the decision for {primary}: {e} (trying again)");
+                continue;
+            }
+        };
         let decision = Decided {
             at_ms: crate::event::now_ms(),
             action,
@@ -121,6 +155,7 @@ pub async fn watch(config: &DrConfig, decided: &dyn Fn(&Decided)) -> Result<(), 
         };
         tracing::info!(action, primary = decision.primary, in_a_row, "failover decided");
         decided(&decision);
+        failed_over = primary != failover.primary;
         serving = primary;
     }
 }

@@ -8,6 +8,8 @@ use std::time::Duration;
 
 pub struct Broker {
     pub port: u16,
+    /// The loopback address it listens on.
+    pub address: String,
     dir: tempfile::TempDir,
 }
 
@@ -34,7 +36,8 @@ impl Broker {
         let out = command.output().expect("bash runs");
         assert!(out.status.success(), "scripts/mosquitto.sh start failed:\n{}", String::from_utf8_lossy(&out.stderr));
         let port = String::from_utf8_lossy(&out.stdout).trim().parse().expect("a port");
-        Broker { port, dir }
+        let address = address_port.map_or("127.0.0.1", |(address, _)| address).to_string();
+        Broker { port, address, dir }
     }
 
     /// Stops the broker and starts it again on the same port; with
@@ -63,7 +66,7 @@ impl Broker {
     }
 
     pub fn endpoint(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
+        format!("{}:{}", self.address, self.port)
     }
 
     /// The `[source]` table of a pipeline that subscribes here as `client_id`.
@@ -84,7 +87,8 @@ impl Broker {
         use rumqttc::{AsyncClient, Event, MqttOptions, Outgoing, Packet, QoS, TlsConfiguration, Transport};
         let _ = rustls::crypto::ring::default_provider().install_default();
         let read = |name: &str| std::fs::read(self.file(name)).unwrap();
-        let mut options = MqttOptions::new(format!("publisher-{}", fastrand::u32(..)), "127.0.0.1", self.port);
+        let mut options =
+            MqttOptions::new(format!("publisher-{}", fastrand::u32(..)), self.address.as_str(), self.port);
         options
             .set_transport(Transport::Tls(TlsConfiguration::Simple {
                 ca: read("ca.crt"),
