@@ -79,21 +79,8 @@ cmd_start() {
 }
 
 cmd_stop() {
-    local dir=${1:?usage: dnsmasq.sh stop DIR} pid
-    [[ -f $dir/dnsmasq.pid ]] || return 0
-    pid=$(<"$dir/dnsmasq.pid")
-    if [[ $pid =~ ^[0-9]+$ ]] && grep -qa dnsmasq "/proc/$pid/cmdline" 2>/dev/null; then
-        kill "$pid" 2>/dev/null || true
-        for _ in $(seq 250); do
-            kill -0 "$pid" 2>/dev/null || break
-            sleep 0.02
-        done
-        if kill -0 "$pid" 2>/dev/null; then
-            kill -9 "$pid" 2>/dev/null || true
-            sleep 0.1
-        fi
-    fi
-    rm -f "$dir/dnsmasq.pid"
+    local dir=${1:?usage: dnsmasq.sh stop DIR}
+    stop_pidfile "$dir/dnsmasq.pid" dnsmasq
 }
 
 cmd_reload() {

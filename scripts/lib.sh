@@ -13,3 +13,24 @@ ensure_wasm_target() {
         rustup target add wasm32-wasip2
     fi
 }
+
+# Stops the process whose pid is in PIDFILE if it is still NAME (a pid file
+# can outlive its process, and the pid be reused): SIGTERM, up to 5 s, then
+# SIGKILL. Removes the pid file.
+stop_pidfile() {
+    local pidfile=$1 name=$2 pid
+    [[ -f $pidfile ]] || return 0
+    pid=$(<"$pidfile")
+    if [[ $pid =~ ^[0-9]+$ ]] && grep -qa "$name" "/proc/$pid/cmdline" 2>/dev/null; then
+        kill "$pid" 2>/dev/null || true
+        for _ in $(seq 100); do
+            kill -0 "$pid" 2>/dev/null || break
+            sleep 0.05
+        done
+        if kill -0 "$pid" 2>/dev/null; then
+            kill -9 "$pid" 2>/dev/null || true
+            sleep 0.1
+        fi
+    fi
+    rm -f "$pidfile"
+}

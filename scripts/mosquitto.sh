@@ -110,17 +110,8 @@ cmd_restart() {
 }
 
 cmd_stop() {
-    local dir=${1:?usage: mosquitto.sh stop DIR} pid
-    [[ -f $dir/mosquitto.pid ]] || return 0
-    pid=$(<"$dir/mosquitto.pid")
-    if [[ $pid =~ ^[0-9]+$ ]] && grep -qa mosquitto "/proc/$pid/cmdline" 2>/dev/null; then
-        kill "$pid" 2>/dev/null || true
-        for _ in $(seq 100); do
-            kill -0 "$pid" 2>/dev/null || break
-            sleep 0.05
-        done
-    fi
-    rm -f "$dir/mosquitto.pid"
+    local dir=${1:?usage: mosquitto.sh stop DIR}
+    stop_pidfile "$dir/mosquitto.pid" mosquitto
 }
 
 case ${1:-} in
