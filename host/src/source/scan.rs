@@ -564,6 +564,8 @@ impl RegistryScan {
                         .set_next_token(self.token.clone())
                 )
                 .map_err(|e| self.error(&format!("searching things for `{query}`"), e))?;
+                // The index only chooses the things: it may lag the registry,
+                // so what they hold is described (`described`).
                 let things = page.things.unwrap_or_default().into_iter().filter_map(|t| t.thing_name);
                 let listed = things.map(|name| aws_sdk_iot::types::ThingAttribute::builder().thing_name(name).build());
                 (listed.collect(), page.next_token)
@@ -639,7 +641,23 @@ impl RegistryScan {
         shadows: bool,
         now: u64,
     ) -> Result<Vec<Event>, SourceError> {
-        let Some(name) = listed.thing_name else { return Ok(Vec::new()) };
+        let Some(name) = listed.thing_name.clone() else { return Ok(Vec::new()) };
+        // Found by a query: described, as a listing would have shown it.
+        let listed = match &self.query {
+            None => listed,
+            Some(_) => match limited!(self, "DescribeThing", self.clients.iot.describe_thing().thing_name(&name)) {
+                Ok(described) => aws_sdk_iot::types::ThingAttribute::builder()
+                    .thing_name(&name)
+                    .set_thing_type_name(described.thing_type_name)
+                    .set_thing_arn(described.thing_arn)
+                    .set_attributes(described.attributes)
+                    .version(described.version)
+                    .build(),
+                // Deleted since it was found: its deletion has an event of its own.
+                Err(e) if e.is(ErrorKind::NotFound) => return Ok(Vec::new()),
+                Err(e) => return Err(self.error(&format!("describing thing {name}"), e)),
+            },
+        };
         let account = listed.thing_arn.as_deref().map(account_of).unwrap_or_default();
         let mut thing = self.event(Entity::Thing, &name, now);
         thing.account_id = account.clone();
@@ -653,6 +671,23 @@ impl RegistryScan {
             events.extend(self.shadows(&name, &account, now).await?.unwrap_or_default());
         }
         Ok(events)
+    }
+
+    /// The PEMs of certificates `ids`, one `DescribeCertificate` each: what
+    /// a comparing scan leaves out, read only for the certificates to be
+    /// written. A certificate gone since is left out.
+    pub async fn certificate_pems(&self, ids: Vec<String>) -> Result<HashMap<String, String>, SourceError> {
+        let read = futures_util::stream::iter(ids.into_iter().map(|id| async move {
+            match limited!(self, "DescribeCertificate", self.clients.iot.describe_certificate().certificate_id(&id)) {
+                Ok(out) => Ok(out.certificate_description.and_then(|d| d.certificate_pem).map(|pem| (id, pem))),
+                Err(e) if e.is(ErrorKind::NotFound) => Ok(None),
+                Err(e) => Err(self.error(&format!("describing certificate {id}"), e)),
+            }
+        }))
+        .buffered(CONCURRENCY)
+        .collect::<Vec<_>>()
+        .await;
+        read.into_iter().filter_map(Result::transpose).collect()
     }
 
     /// Comparing: the shadows `wanted` (thing, shadow name; `None` for the

@@ -16,7 +16,7 @@ pub use repair::{Repaired, repair, sync_drift, to_queue};
 use crate::aws::{Limiter, RegionClients};
 use crate::config;
 use crate::context::ThingContext;
-use crate::event::{Event, decode_line};
+use crate::event::{Entity, Event, decode_line};
 use crate::pipeline::{Halted, Pipeline};
 use crate::progress::Progress;
 use crate::source::{RegistryScan, Source, SourceError};
@@ -98,8 +98,10 @@ impl Reads {
     }
 }
 
-/// Verifies every target of `config`. The source is read as a sync reads
-/// it (its events are what a repair sends), the targets in bulk.
+/// Verifies every target of `config`. Every region is read in bulk (a
+/// comparing scan: no certificate PEMs); the source's events are what a
+/// repair or a smart sync sends, so the certificates among them that a
+/// target lacks or holds differently get their PEMs read afterwards.
 /// Each region's listing is counted on `progress`, when given.
 pub async fn verify(
     config: &config::Pipeline,
@@ -115,7 +117,9 @@ pub async fn verify(
     };
     let source = connect(config, &config.source_region).await?;
     let label = format!("source {}", source.region);
-    let source = counted(RegistryScan::new(source, limiter.clone(), None).with_query(reads.query.clone()), label);
+    // Every shadow of the source: they are what the targets should hold.
+    let mut source =
+        counted(RegistryScan::comparing(source, limiter.clone(), true).with_query(reads.query.clone()), label);
     let mut targets = Vec::new();
     for region in &config.targets {
         let label = format!("target {region}");
@@ -123,7 +127,7 @@ pub async fn verify(
             RegistryScan::comparing(connect(config, region).await?, limiter.clone(), shadows == ShadowReads::All);
         targets.push(counted(scan, label));
     }
-    let expected = expected(config, pipeline, source);
+    let expected = expected(config, pipeline, &mut source);
     let actual = futures_util::future::try_join_all(targets.into_iter().map(image_of));
     let (mut expected, scanned) = futures_util::future::try_join(expected, actual).await?;
     let mut actual = Vec::new();
@@ -151,13 +155,46 @@ pub async fn verify(
         tracing::warn!("{} source entities failed a stage: they are missing in every target", expected.failed);
     }
     let empty = Image::default();
-    let reports = config
+    let reports: Vec<RegionReport> = config
         .targets
         .iter()
         .zip(&actual)
         .map(|(region, actual)| compare(region, expected.regions.get(region).unwrap_or(&empty), actual))
         .collect();
+    complete_certificates(&mut expected, &reports, &source).await?;
     Ok(Verification { reports, expected, actual })
+}
+
+/// Gives the source's events of every certificate a target lacks or holds
+/// differently its PEM (the comparing scan read none): registering it there
+/// needs it. Equal certificates cost no read.
+async fn complete_certificates(
+    expected: &mut Expected,
+    reports: &[RegionReport],
+    source: &RegistryScan,
+) -> Result<(), VerifyError> {
+    let drifted: std::collections::BTreeSet<String> = reports
+        .iter()
+        .filter_map(|report| report.kinds.get("certificates"))
+        .flat_map(|kind| kind.missing.iter().cloned().chain(kind.different.iter().map(|d| d.name.clone())))
+        .collect();
+    if drifted.is_empty() {
+        return Ok(());
+    }
+    let pems = source.certificate_pems(drifted.into_iter().collect()).await?;
+    let fill = |event: &mut Event| {
+        if event.entity == crate::event::Entity::Certificate
+            && !crate::aws::carries_pem(event)
+            && let Some(pem) = pems.get(&event.name)
+        {
+            event.document = Some(serde_json::json!({ "certificatePem": pem }).to_string());
+        }
+    };
+    for events in expected.events.values_mut().flat_map(BTreeMap::values_mut) {
+        events.iter_mut().for_each(fill);
+    }
+    expected.origins.values_mut().for_each(|(_, event)| fill(event));
+    Ok(())
 }
 
 async fn connect(config: &config::Pipeline, region: &str) -> Result<RegionClients, VerifyError> {
@@ -172,39 +209,70 @@ async fn connect(config: &config::Pipeline, region: &str) -> Result<RegionClient
 async fn expected(
     config: &config::Pipeline,
     pipeline: &mut Pipeline,
-    mut scan: RegistryScan,
+    scan: &mut RegistryScan,
 ) -> Result<Expected, VerifyError> {
     // The thing context lends a thing's attributes to its memberships and
     // shadows, as in a run; it lives in memory for this one pass.
     let store = StateStore::in_memory()?;
     let mut context = ThingContext::new(&store);
     let mut expected = Expected::default();
+    // A comparing scan lists memberships with their groups, before the
+    // things: they wait for the things (whose attributes route them), and
+    // only those of things the scan found count (with a query, the others'
+    // are not compared).
+    let mut memberships = Vec::new();
+    let mut things = std::collections::HashSet::new();
     while !scan.idle() {
         let batch = scan.read(0).await?;
         let mut events = Vec::with_capacity(batch.records.len());
         for record in batch.records {
             // The scan writes its own events: one that does not decode is a bug.
-            let mut event = decode_line(&record.text, &config.source_region).expect("a scan event decodes");
-            context.enrich(&mut event)?;
-            let place = expected.origins.len();
-            expected.origins.insert(event.id.clone(), (place, event.clone()));
-            events.push(event);
-        }
-        let processed = pipeline.process(events)?;
-        expected.failed += processed.dead_letters.len();
-        for event in processed.events {
-            if !config.apply.replicate.contains(&event.entity) {
-                continue;
-            }
-            let Some(entry) = image::entry_of(&event) else { continue };
-            for region in event.targets.iter().filter(|r| config.targets.contains(r)) {
-                expected.regions.entry(region.clone()).or_default().fold(&event);
-                let events = expected.events.entry(region.clone()).or_default();
-                events.entry(entry.clone()).or_default().push(event.clone());
+            let event = decode_line(&record.text, &config.source_region).expect("a scan event decodes");
+            match event.entity {
+                Entity::ThingGroupMembership | Entity::BillingGroupMembership => memberships.push(event),
+                Entity::Thing => {
+                    things.insert(event.name.clone());
+                    events.push(event);
+                }
+                _ => events.push(event),
             }
         }
+        take(config, pipeline, &mut context, &mut expected, events)?;
+    }
+    memberships.retain(|event| things.contains(&event.name));
+    for chunk in memberships.chunks(config.batch_size.max(1)) {
+        take(config, pipeline, &mut context, &mut expected, chunk.to_vec())?;
     }
     Ok(expected)
+}
+
+/// One batch of the source's events through the stages, folded per target region.
+fn take(
+    config: &config::Pipeline,
+    pipeline: &mut Pipeline,
+    context: &mut ThingContext,
+    expected: &mut Expected,
+    mut events: Vec<Event>,
+) -> Result<(), VerifyError> {
+    for event in &mut events {
+        context.enrich(event)?;
+        let place = expected.origins.len();
+        expected.origins.insert(event.id.clone(), (place, event.clone()));
+    }
+    let processed = pipeline.process(events)?;
+    expected.failed += processed.dead_letters.len();
+    for event in processed.events {
+        if !config.apply.replicate.contains(&event.entity) {
+            continue;
+        }
+        let Some(entry) = image::entry_of(&event) else { continue };
+        for region in event.targets.iter().filter(|r| config.targets.contains(r)) {
+            expected.regions.entry(region.clone()).or_default().fold(&event);
+            let events = expected.events.entry(region.clone()).or_default();
+            events.entry(entry.clone()).or_default().push(event.clone());
+        }
+    }
+    Ok(())
 }
 
 /// A region as its own scan lists it (and the scan, for further reads).

@@ -125,8 +125,28 @@ pub fn to_queue(verification: &Verification) -> Vec<Event> {
             }
         }
     }
-    removals_first.extend(chosen.into_values());
+    // In the order a sync writes (a comparing scan lists memberships with
+    // their groups, before the things), then in the scan's order.
+    let mut chosen: Vec<(usize, Event)> = chosen.into_iter().collect();
+    chosen.sort_by_key(|(place, event)| (write_rank(event.entity), *place));
+    removals_first.extend(chosen.into_iter().map(|(_, event)| event));
     removals_first
+}
+
+/// Where an entity comes in a sync: what others need goes first (types,
+/// groups, billing groups, policies, certificates, things), then what needs
+/// things (memberships, shadows).
+fn write_rank(entity: Entity) -> u8 {
+    match entity {
+        Entity::ThingType => 0,
+        Entity::ThingGroup | Entity::ThingGroupHierarchy => 1,
+        Entity::BillingGroup => 2,
+        Entity::Policy => 3,
+        Entity::Certificate => 4,
+        Entity::Thing | Entity::ThingTypeAssociation => 5,
+        Entity::ThingGroupMembership | Entity::BillingGroupMembership => 6,
+        Entity::Shadow => 7,
+    }
 }
 
 /// Per kind, the names of entities missing in or different from the target.
