@@ -152,6 +152,25 @@ async fn a_smart_sync_writes_only_what_differs() {
     );
 }
 
+/// A smart sync into an empty region copies everything: the source read in
+/// bulk, the PEMs read for the certificates the target lacks, memberships
+/// written after their things; then there is nothing left to write.
+#[tokio::test]
+async fn a_smart_sync_into_an_empty_region_copies_everything() {
+    let moto = Moto::start();
+    seed(&moto, SOURCE, 20).await;
+    let test = Run::new(SOURCE, &moto.url, TARGET, &moto.url, &[], "");
+    let summary = sync(&moto, &test, &["--mode", "smart"]);
+    assert_eq!(summary["run"]["dead_letters"], 0, "{summary}");
+    assert_eq!(summary["run"]["stale"], 0, "nothing of a first copy is older than what it copies: {summary}");
+    assert_same(
+        &without_shadow_versions(region_state(&moto, SOURCE).await),
+        &without_shadow_versions(region_state(&moto, TARGET).await),
+    );
+    let again = sync(&moto, &test, &["--mode", "smart"]);
+    assert_eq!((&again["drifted"], &again["run"]["changes"]), (&0.into(), &0.into()), "{again}");
+}
+
 /// A target that does not answer is named before anything is written,
 /// not retried for hours at the first write: the reachable target of the
 /// same pipeline stays empty.
