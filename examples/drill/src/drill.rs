@@ -166,7 +166,7 @@ pub async fn run(options: &Options, say: Box<dyn Fn(&str) + Send + Sync>) -> any
             "[pipeline]\nname = \"drill\"\nsource_region = \"{PRIMARY}\"\ntargets = [\"{SECONDARY}\"]\nbatch_size = 64\n\
              [regions.{PRIMARY}]\nendpoint_url = \"{}\"\n[regions.{SECONDARY}]\nendpoint_url = \"{}\"\n\
              [source]\nkind = \"mqtt\"\nendpoint = \"{}:{port}\"\nclient_id = \"iotdr-drill-replicator\"\n{}\
-             [ingest]\nrecheck_after_ms = 2000\n[apply]\ninitial_backoff_ms = 50\nmax_backoff_ms = 1000\n[state]\ndir = \"state\"\n",
+             [apply]\ninitial_backoff_ms = 50\nmax_backoff_ms = 1000\n[state]\ndir = \"state\"\n",
             primary_api.url,
             secondary_api.url,
             HOSTS[0].2,
