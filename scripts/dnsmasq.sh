@@ -55,16 +55,7 @@ launch() {
         cat "$dir/dnsmasq.log" >&2 || true
         exit 1
     }
-    for _ in $(seq 100); do
-        if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
-            echo "$port"
-            return 0
-        fi
-        sleep 0.05
-    done
-    echo "dnsmasq did not answer on port $port; its log:" >&2
-    cat "$dir/dnsmasq.log" >&2 || true
-    exit 1
+    wait_for_port 127.0.0.1 "$port" dnsmasq "$dir/dnsmasq.log"
 }
 
 cmd_start() {

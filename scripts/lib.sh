@@ -34,3 +34,19 @@ stop_pidfile() {
     fi
     rm -f "$pidfile"
 }
+
+# Waits up to 5 s until ADDRESS:PORT accepts a TCP connection, then prints
+# PORT; otherwise says so with LOG (the server's log) and exits.
+wait_for_port() {
+    local address=$1 port=$2 what=$3 log=$4
+    for _ in $(seq 100); do
+        if (exec 3<>"/dev/tcp/$address/$port") 2>/dev/null; then
+            echo "$port"
+            return 0
+        fi
+        sleep 0.05
+    done
+    echo "$what did not answer on $address:$port; its log:" >&2
+    cat "$log" >&2 || true
+    exit 1
+}

@@ -86,16 +86,7 @@ launch() {
     local dir=$1 port=$2 address=$3 mosquitto
     mosquitto=$(command -v mosquitto || echo /usr/sbin/mosquitto)
     "$mosquitto" -c "$dir/mosquitto.conf" -d
-    for _ in $(seq 100); do
-        if (exec 3<>"/dev/tcp/$address/$port") 2>/dev/null; then
-            echo "$port"
-            return 0
-        fi
-        sleep 0.05
-    done
-    echo "mosquitto did not start on port $port; its log:" >&2
-    cat "$dir/mosquitto.log" >&2 || true
-    exit 1
+    wait_for_port "$address" "$port" mosquitto "$dir/mosquitto.log"
 }
 
 cmd_restart() {

@@ -2,6 +2,9 @@
 //! engine with a compile cache that outlives one test, and event builders.
 #![allow(dead_code)] // each test file uses a different part of this
 
+#[allow(unused_imports)] // each test file uses a different part of this
+pub use iotdr_drill::backends::free_port;
+
 pub mod broker;
 pub mod dns;
 pub mod faults;
@@ -103,8 +106,4 @@ pub fn http(port: u16, method: &str, path: &str, token: Option<&str>) -> (u16, S
     let code = answer.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
     let body = answer.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
     (code, body)
-}
-
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }

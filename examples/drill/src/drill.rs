@@ -2,6 +2,7 @@
 
 use crate::backends::broker::Broker;
 use crate::backends::dns::Dns;
+use crate::backends::free_port;
 use crate::backends::moto::Moto;
 use iotdr_device_client::{Device, Happened, Settings};
 use rumqttc::{AsyncClient, Event, MqttOptions, Outgoing, Packet, QoS, TlsConfiguration, Transport};
@@ -452,8 +453,4 @@ async fn wait_for(what: &str, limit: Duration, mut done: impl FnMut() -> Option<
         anyhow::ensure!(Instant::now() < deadline, "timed out waiting for {what}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("a free port")
 }
