@@ -74,30 +74,37 @@ async fn thirty_percent_of_calls_failing_loses_nothing_and_writes_no_shadow_twic
     assert_same(&source, &target);
 }
 
+/// The source's `jitr-policy`, which the JITR tests name in `jitr_policies`.
+async fn jitr_policy(moto: &Moto) -> aws_sdk_iot::Client {
+    let iot = moto.iot(SOURCE).await;
+    let document = r#"{"Version":"2012-10-17","Statement":[]}"#;
+    iot.create_policy().policy_name("jitr-policy").policy_document(document).send().await.unwrap();
+    iot
+}
+
+/// The record AWS publishes when JITR registers certificate `id` under a CA.
+fn jitr_registered(id: &str, at_ms: u64) -> String {
+    json!({
+        "topic": format!("$aws/events/certificates/registered/{}", "ca0".repeat(21) + "c"),
+        "payload": { "certificateId": id, "caCertificateId": "ca0".repeat(21) + "c", "timestamp": at_ms,
+                     "certificateStatus": "PENDING_ACTIVATION", "awsAccountId": "123456789012",
+                     "certificateRegistrationTimestamp": at_ms.to_string() }
+    })
+    .to_string()
+}
+
 #[tokio::test]
 async fn a_jitr_certificate_activated_since_its_event_arrives_active_with_the_named_policy() {
     let moto = Moto::start();
-    let iot = moto.iot(SOURCE).await;
-    iot.create_policy()
-        .policy_name("jitr-policy")
-        .policy_document(r#"{"Version":"2012-10-17","Statement":[]}"#)
-        .send()
-        .await
-        .unwrap();
+    let iot = jitr_policy(&moto).await;
     // JITR: the device's certificate was registered under a CA; AWS publishes
     // this event with PENDING_ACTIVATION, and none when the certificate is
     // activated a moment later (by a Lambda, as JITR setups do).
     let created = iot.create_keys_and_certificate().send().await.unwrap();
     let id = created.certificate_id.unwrap();
     iot.update_certificate().certificate_id(&id).new_status(CertificateStatus::Active).send().await.unwrap();
-    let event = json!({
-        "topic": format!("$aws/events/certificates/registered/{}", "ca0".repeat(21) + "c"),
-        "payload": { "certificateId": id, "caCertificateId": "ca0".repeat(21) + "c", "timestamp": 1_764_000_000_000u64,
-                     "certificateStatus": "PENDING_ACTIVATION", "awsAccountId": "123456789012",
-                     "certificateRegistrationTimestamp": "1764000000000" }
-    });
-    let test =
-        Run::new(SOURCE, &moto.url, TARGET, &moto.url, &[event.to_string()], r#"jitr_policies = ["jitr-policy"]"#);
+    let event = jitr_registered(&id, 1_764_000_000_000);
+    let test = Run::new(SOURCE, &moto.url, TARGET, &moto.url, &[event], r#"jitr_policies = ["jitr-policy"]"#);
     let summary = test.run(&moto);
     assert_eq!(summary["run"]["dead_letters"], 0, "{summary} {:?}", test.dead_letters(&moto));
     let target = region_state(&moto, TARGET).await;
@@ -447,16 +454,8 @@ async fn what_changes_in_the_source_without_an_event_arrives_by_a_second_read() 
     let jitr = iot.create_keys_and_certificate().send().await.unwrap().certificate_id.unwrap();
     // Events of now: a second read is due a while after each.
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64;
-    let events = vec![
-        thing_record("created", "late-1", json!({ "site": "lyon" }), now),
-        json!({
-            "topic": format!("$aws/events/certificates/registered/{}", "ca0".repeat(21) + "c"),
-            "payload": { "certificateId": jitr, "caCertificateId": "ca0".repeat(21) + "c",
-                         "timestamp": now + 1, "certificateStatus": "PENDING_ACTIVATION",
-                         "awsAccountId": "123456789012" }
-        })
-        .to_string(),
-    ];
+    let events =
+        vec![thing_record("created", "late-1", json!({ "site": "lyon" }), now), jitr_registered(&jitr, now + 1)];
     let test = Run::new(SOURCE, &moto.url, TARGET, &moto.url, &events, "\n[ingest]\nrecheck_after_ms = 4000");
     let mut child = test.spawn(&moto);
     wait_for(60, "the first read applied", || async {
@@ -480,6 +479,56 @@ async fn what_changes_in_the_source_without_an_event_arrives_by_a_second_read() 
     assert_eq!(state["certificates"][&device_id]["status"], "ACTIVE");
     assert_eq!(state["certificates"][&jitr]["status"], "ACTIVE", "{state}");
     assert_eq!(state["things"]["late-1"]["attributes"], json!({ "site": "lyon" }));
+}
+
+/// The source region stops answering its reads while its events still
+/// arrive (they were read before, or come from a broker that is up): ingest
+/// does not wait on it. What the events carry (things with their attributes,
+/// types and groups, hierarchy, shadows) reaches the target while the source
+/// is down; what only the source holds (certificates, with the JITR policy,
+/// and their attachments) arrives by second reads once it answers again.
+#[tokio::test]
+async fn a_source_that_does_not_answer_holds_back_nothing_its_events_carry() {
+    let moto = Moto::start();
+    let fleet = seed(&moto, SOURCE, 40).await;
+    let iot = jitr_policy(&moto).await;
+    let jitr = iot.create_keys_and_certificate().set_as_active(true).send().await.unwrap().certificate_id.unwrap();
+    let mut events = fleet.events.clone();
+    events.push(jitr_registered(&jitr, 1_764_000_100_000));
+    let source = FaultProxy::start(&moto.url, 0.0);
+    source.set(json!({ "mode": "drop_before" }));
+    let extra = "jitr_policies = [\"jitr-policy\"]\n[ingest]\ndefer_reads_after_ms = 1000";
+    let test = Run::new(SOURCE, &source.url, TARGET, &moto.url, &events, extra);
+    let mut child = test.spawn(&moto);
+
+    // Without the source: every thing as its events have it, no certificate yet.
+    let expected = region_state(&moto, SOURCE).await;
+    let carried = |state: &Value| {
+        let mut things = state["things"].clone();
+        for thing in things.as_object_mut().unwrap().values_mut() {
+            thing["certificates"] = json!([]);
+        }
+        json!({ "things": things, "types": state["types"], "groups": state["groups"] })
+    };
+    wait_for(120, "the events applied without the source", || async {
+        carried(&region_state(&moto, TARGET).await) == carried(&expected)
+    })
+    .await;
+    let during = region_state(&moto, TARGET).await;
+    assert!(during["certificates"].as_object().unwrap().is_empty(), "{during}");
+    assert!(source.counts()["drop_before"].as_u64().unwrap_or(0) > 0, "the source was asked");
+
+    source.set(json!({ "mode": null }));
+    let status = tokio::task::spawn_blocking(move || child.wait().unwrap()).await.unwrap();
+    assert!(status.success(), "{}", test.log());
+    assert!(test.dead_letters(&moto).is_empty(), "{:?}", test.dead_letters(&moto));
+    let target = region_state(&moto, TARGET).await;
+    assert_eq!(target["certificates"][&jitr], json!({ "status": "ACTIVE", "policies": ["jitr-policy"] }));
+    let mut source_state = region_state(&moto, SOURCE).await;
+    source_state["certificates"].as_object_mut().unwrap().remove(&jitr);
+    let mut target_state = target.clone();
+    target_state["certificates"].as_object_mut().unwrap().remove(&jitr);
+    assert_same(&source_state, &target_state);
 }
 
 /// SIGKILL at ten random moments while a fleet replicates, a restart after

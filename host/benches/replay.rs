@@ -70,6 +70,7 @@ path = "events.jsonl"
         poll_interval: Duration::from_millis(10),
         recheck_after: None,
         queue_limit: config.ingest.queue_limit,
+        defer_reads_after: config.ingest.defer_reads_after,
         reconcile: None,
         reload: None,
         admin: None,

@@ -90,6 +90,7 @@ fn main() {
         poll_interval: Duration::from_millis(5),
         recheck_after: None,
         queue_limit: config.ingest.queue_limit,
+        defer_reads_after: config.ingest.defer_reads_after,
         reconcile: None,
         reload: Some(Reload::new(config.clone(), PluginEngine::new(Some(cache)).unwrap())),
         admin: None,

@@ -83,6 +83,7 @@ rate_limits = {{ "*" = 100000.0 }}
         poll_interval: Duration::from_millis(10),
         recheck_after: None,
         queue_limit: config.ingest.queue_limit,
+        defer_reads_after: config.ingest.defer_reads_after,
         reconcile: None,
         reload: None,
         admin: None,

@@ -142,11 +142,19 @@ pub struct Ingest {
     pub recheck_after: Option<Duration>,
     /// Reading the source pauses while this many events wait to be applied.
     pub queue_limit: u64,
+    /// How long an ingest read retries a source that does not answer before
+    /// its event is left to a second read; `None` (0 in the file): until the
+    /// retry deadline. Only with second reads.
+    pub defer_reads_after: Option<Duration>,
 }
 
 impl Default for Ingest {
     fn default() -> Self {
-        Ingest { recheck_after: Some(Duration::from_secs(30)), queue_limit: 10_000 }
+        Ingest {
+            recheck_after: Some(Duration::from_secs(30)),
+            queue_limit: 10_000,
+            defer_reads_after: Some(Duration::from_secs(10)),
+        }
     }
 }
 
@@ -311,6 +319,7 @@ struct RawReconcile {
 struct RawIngest {
     recheck_after_ms: Option<Spanned<i64>>,
     queue_limit: Option<Spanned<i64>>,
+    defer_reads_after_ms: Option<Spanned<i64>>,
 }
 
 #[derive(Deserialize)]
@@ -741,6 +750,11 @@ fn ingest_settings(raw: &RawIngest, at: &dyn Fn(Range<usize>, String) -> ConfigE
         },
         queue_limit: bounded(&raw.queue_limit, "queue_limit", 1..10_000_001)?
             .map_or(defaults.queue_limit, |n| n as u64),
+        defer_reads_after: match bounded(&raw.defer_reads_after_ms, "defer_reads_after_ms", 0..86_400_001)? {
+            None => defaults.defer_reads_after,
+            Some(0) => None,
+            Some(ms) => Some(Duration::from_millis(ms as u64)),
+        },
     })
 }
 

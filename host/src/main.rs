@@ -581,6 +581,7 @@ async fn run_pipeline(
         poll_interval: Duration::from_millis(200),
         recheck_after: if dry_run { None } else { config.ingest.recheck_after },
         queue_limit: config.ingest.queue_limit,
+        defer_reads_after: config.ingest.defer_reads_after,
         reconcile,
         // A run swaps in changes of its files (a sync lists once: never).
         reload: if !dry_run && !scan { Some(Reload::new(config.clone(), self::engine(cache_dir)?)) } else { None },
@@ -812,8 +813,14 @@ async fn dead_letters(command: DeadLetterCommand, cache_dir: Option<PathBuf>) ->
                 match fetcher.as_ref().expect("connected above") {
                     Ok(fetcher) => {
                         // A replay schedules no second reads: read everything now.
-                        let plan = ReadPlan { store: &state, targets: &config.targets, second_reads_from_ms: None };
-                        fetcher.complete(events, Some(&plan)).await
+                        let plan = ReadPlan {
+                            store: &state,
+                            targets: &config.targets,
+                            second_reads_from_ms: None,
+                            defer_after: None,
+                        };
+                        let completed = fetcher.complete(events, Some(&plan)).await;
+                        (completed.events, completed.dead_letters)
                     }
                     Err(reason) => {
                         let letters = events

@@ -11,7 +11,12 @@ use crate::state::{DeadLetter, StateStore, Step};
 use futures_util::StreamExt;
 use serde_json::json;
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// The re-read kind of an event whose completion ingest left for later.
+pub const DEFERRED: &str = "deferred";
 
 /// Source reads in flight at once.
 const READ_CONCURRENCY: usize = 16;
@@ -23,11 +28,70 @@ pub struct SourceFetcher {
     jitr_policies: Vec<String>,
     /// Certificates and policies already carried in this run: sent once.
     carried: Mutex<HashSet<(Entity, String)>>,
+    /// An ingest read gave up on the source (see [`ReadPlan::defer_after`])
+    /// and nothing has answered since: the next ingest reads try once.
+    source_down: AtomicBool,
+}
+
+/// Sends one source read through the run's limiter, retrying until the
+/// limiter's deadline, or for at most `$within` (`ZERO`: none is sent), and
+/// notes whether the source answered.
+macro_rules! read {
+    ($self:ident, $within:expr, $operation:literal, $request:expr) => {{
+        let request = $request;
+        let within: Option<Duration> = $within;
+        let send = $self.limiter.send_within(&$self.clients.region, $operation, within, || {
+            let request = request.clone();
+            async move { request.send().await.map_err(AwsError::from_sdk) }
+        });
+        let result = match within {
+            Some(Duration::ZERO) => Err(not_sent($operation)),
+            _ => send.await,
+        };
+        $self.answered(&result, within);
+        result
+    }};
+}
+
+/// The retryable error of a read not sent: the source did not answer an earlier one.
+fn not_sent(operation: &str) -> AwsError {
+    AwsError {
+        kind: ErrorKind::Transient,
+        code: "NotSent".into(),
+        message: format!("{operation} left for a second read: the source did not answer an earlier read"),
+        status: None,
+        resource_id: None,
+    }
+}
+
+/// What completing a batch gave.
+#[derive(Debug, Default)]
+pub struct Completed {
+    /// The events to queue, in source order, each after what it needs.
+    pub events: Vec<Event>,
+    pub dead_letters: Vec<DeadLetter>,
+    /// Events whose reads gave up on the source for now (see
+    /// [`ReadPlan::defer_after`]): each must be read again by a second read.
+    /// A thing among them is in `events` too, as it came.
+    pub deferred: Vec<Event>,
+}
+
+/// Why an event was not completed.
+enum Incomplete {
+    Dead(Box<DeadLetter>),
+    /// The source did not answer within the ingest's patience.
+    Later(Box<Event>),
 }
 
 impl SourceFetcher {
     pub fn new(clients: RegionClients, limiter: Arc<Limiter>, jitr_policies: Vec<String>) -> SourceFetcher {
-        SourceFetcher { clients, limiter, jitr_policies, carried: Mutex::new(HashSet::new()) }
+        SourceFetcher {
+            clients,
+            limiter,
+            jitr_policies,
+            carried: Mutex::new(HashSet::new()),
+            source_down: AtomicBool::new(false),
+        }
     }
 
     /// Connects to the pipeline's source region; `limiter` is the run's one limiter.
@@ -49,7 +113,14 @@ impl SourceFetcher {
     /// status and policies. They take the time, account and targets of
     /// `cause`, the event that asked for the re-read. Nothing when the entity
     /// is gone (its deletion has an event).
-    pub async fn reread(&self, kind: &str, name: &str, cause: &Event) -> Result<Vec<Event>, Box<DeadLetter>> {
+    ///
+    /// A `deferred` re-read is the completion ingest left for later: the
+    /// cause itself, completed now (every read retried until the deadline).
+    ///
+    /// Which of the policies found travel is decided in order by
+    /// [`rereads`](Self::rereads): a read finishing first is not always the
+    /// one queued first.
+    async fn reread(&self, kind: &str, name: &str, cause: &Event) -> Result<Vec<Event>, Box<DeadLetter>> {
         let fail = |what: &str, e: AwsError| {
             Box::new(DeadLetter::for_event(
                 Step::Fetch,
@@ -58,7 +129,15 @@ impl SourceFetcher {
             ))
         };
         match kind {
-            "certificate" => match self.certificate(name, cause).await {
+            DEFERRED if cause.entity != Entity::Thing => {
+                match self.complete_one(cause.clone(), &HashMap::new(), None).await {
+                    Ok(events) => Ok(events),
+                    Err(Incomplete::Dead(letter)) => Err(letter),
+                    // Without a plan every read retries until the deadline.
+                    Err(Incomplete::Later(_)) => unreachable!("no patience without a plan"),
+                }
+            }
+            "certificate" => match self.certificate(name, cause, None).await {
                 Ok(Some(mut events)) => {
                     if let Some(certificate) = events.last_mut() {
                         certificate.id = format!("recheck-{}", certificate.id);
@@ -70,7 +149,7 @@ impl SourceFetcher {
             },
             _ => {
                 let described =
-                    match limited!(self, "DescribeThing", self.clients.iot.describe_thing().thing_name(name)) {
+                    match read!(self, None, "DescribeThing", self.clients.iot.describe_thing().thing_name(name)) {
                         Ok(described) => described,
                         Err(e) if e.is(ErrorKind::NotFound) => return Ok(Vec::new()),
                         Err(e) => return Err(fail("re-reading the thing", e)),
@@ -85,26 +164,56 @@ impl SourceFetcher {
                 thing.attributes = described.attributes.unwrap_or_default().into_iter().collect();
                 thing.set_related(related::THING_TYPE, described.thing_type_name);
                 let principals =
-                    self.principals(name).await.map_err(|e| fail("re-reading the thing's principals", e))?;
+                    self.principals(name, None).await.map_err(|e| fail("re-reading the thing's principals", e))?;
                 let mut events = Vec::new();
                 for principal in principals {
                     let Some((_, id)) = principal.rsplit_once(":cert/") else { continue };
                     thing.related.push((related::PRINCIPAL.into(), id.to_string()));
                     // Read again even if carried: its status may have changed
                     // with no event (an activation, a revocation).
-                    let found = self.certificate(id, cause).await.map_err(|e| fail("re-reading its certificate", e))?;
+                    let found =
+                        self.certificate(id, cause, None).await.map_err(|e| fail("re-reading its certificate", e))?;
                     for mut event in found.unwrap_or_default() {
-                        let first = self.first_time(event.entity, &event.name);
                         if event.entity == Entity::Certificate {
                             event.id = format!("recheck-{}", event.id);
-                            events.push(event);
-                        } else if first {
-                            events.push(event);
                         }
+                        events.push(event);
                     }
                 }
                 events.push(thing);
                 Ok(events)
+            }
+        }
+    }
+
+    /// Makes the re-reads `due` (concurrently) and returns what they found,
+    /// in their order, and the dead letters of those that failed.
+    pub async fn rereads(&self, due: &[crate::state::queue::Recheck]) -> (Vec<Event>, Vec<DeadLetter>) {
+        let reads = due.iter().map(|recheck| self.reread(&recheck.kind, &recheck.name, &recheck.cause));
+        let mut done = futures_util::stream::iter(reads).buffered(READ_CONCURRENCY);
+        let (mut events, mut dead) = (Vec::new(), Vec::new());
+        while let Some(result) = done.next().await {
+            match result {
+                // A certificate read again travels again: its status is what the read is for.
+                Ok(found) => self.keep_first(found, true, &mut events),
+                Err(letter) => dead.push(*letter),
+            }
+        }
+        (events, dead)
+    }
+
+    /// Moves what one read found to `out`: the event itself (last), and
+    /// before it the certificates and policies it needs, each the first time
+    /// this run carries it (`refreshed`: certificates every time). Decided
+    /// here, in source order, so a certificate or policy always comes before
+    /// the first event that needs it, whichever read finished first.
+    fn keep_first(&self, found: Vec<Event>, refreshed: bool, out: &mut Vec<Event>) {
+        let count = found.len();
+        for (index, event) in found.into_iter().enumerate() {
+            let own = index + 1 == count;
+            let first = self.first_time(event.entity, &event.name);
+            if own || first || (refreshed && event.entity == Entity::Certificate) {
+                out.push(event);
             }
         }
     }
@@ -119,7 +228,13 @@ impl SourceFetcher {
     /// it came; a thing's principals are read once per batch (every event
     /// of the batch arrived before that read); a certificate every target
     /// holds is not read for the things it is attached to.
-    pub async fn complete(&self, events: Vec<Event>, plan: Option<&ReadPlan<'_>>) -> (Vec<Event>, Vec<DeadLetter>) {
+    ///
+    /// With `plan.defer_after`, a read the source does not answer in time
+    /// leaves its event to a second read (`Completed::deferred`) instead of
+    /// holding the batch: ingest keeps up with the stream during a source
+    /// outage, and what the events carry is applied meanwhile.
+    pub async fn complete(&self, events: Vec<Event>, plan: Option<&ReadPlan<'_>>) -> Completed {
+        let patience = self.patience(plan);
         let needs = reads_needed(&events, &|event| plan.is_some_and(|p| p.spares(event)));
         let things: Vec<&str> = {
             let mut seen = HashSet::new();
@@ -130,7 +245,9 @@ impl SourceFetcher {
                 .map(|(event, _)| event.name.as_str())
                 .collect()
         };
-        let reads = things.iter().map(|name| async move { (name.to_string(), self.principals(name).await) });
+        let reads = things
+            .iter()
+            .map(|name| async move { (name.to_string(), self.principals(name, self.within(patience)).await) });
         let principals: HashMap<String, Result<Vec<String>, AwsError>> =
             futures_util::stream::iter(reads).buffer_unordered(READ_CONCURRENCY).collect().await;
         let principals = &principals;
@@ -138,33 +255,65 @@ impl SourceFetcher {
             if needed { self.complete_one(event, principals, plan).await } else { Ok(vec![event]) }
         });
         let mut done = futures_util::stream::iter(completions).buffered(READ_CONCURRENCY);
-        let mut out = Vec::new();
-        let mut dead = Vec::new();
-        // Events complete concurrently; which one carries a shared certificate
-        // or policy is decided here, in source order, so it always comes
-        // before the first event that needs it.
+        let mut completed = Completed::default();
+        let out = &mut completed.events;
         while let Some(result) = done.next().await {
             match result {
-                Ok(events) => {
-                    let count = events.len();
-                    for (index, event) in events.into_iter().enumerate() {
-                        let fetched = index + 1 < count;
-                        // A JITR certificate carries itself: later events need not.
-                        let carried = self.first_time(event.entity, &event.name);
-                        if !fetched || carried {
-                            out.push(event);
-                        }
+                // A JITR certificate, last of its own, carries itself: later events need not.
+                Ok(events) => self.keep_first(events, false, out),
+                Err(Incomplete::Dead(letter)) => completed.dead_letters.push(*letter),
+                Err(Incomplete::Later(event)) => {
+                    let event = *event;
+                    // A thing is applied as it came meanwhile: its event
+                    // carries its attributes; only its principals need the read.
+                    if event.entity == Entity::Thing {
+                        out.push(event.clone());
                     }
+                    completed.deferred.push(event);
                 }
-                Err(letter) => dead.push(*letter),
             }
         }
-        (out, dead)
+        completed
+    }
+
+    /// How long ingest reads wait for the source before leaving their event
+    /// for later: `plan.defer_after`, when shorter than the retry deadline
+    /// (after the whole deadline, a failed read makes a dead letter).
+    fn patience(&self, plan: Option<&ReadPlan<'_>>) -> Option<Duration> {
+        plan.and_then(|p| p.defer_after).filter(|p| *p < self.limiter.retry_deadline())
+    }
+
+    /// How long an ingest read may take: `patience` while the source
+    /// answers; none is sent once a read gave up on it, until a second read
+    /// (they keep trying) gets an answer; the limiter's deadline without
+    /// patience.
+    fn within(&self, patience: Option<Duration>) -> Option<Duration> {
+        patience.map(|p| if self.source_down.load(Ordering::Relaxed) { Duration::ZERO } else { p })
+    }
+
+    /// Notes whether the source answered a read (any answer but a retryable
+    /// failure is one) or an ingest read gave up on it.
+    fn answered<T>(&self, result: &Result<T, AwsError>, within: Option<Duration>) {
+        match result {
+            Err(e) if e.retryable() => {
+                if within.is_some() && !self.source_down.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(
+                        region = %self.clients.region,
+                        "the source does not answer ({e}): ingest stores events as they come and leaves their reads for later"
+                    );
+                }
+            }
+            _ => {
+                if self.source_down.swap(false, Ordering::Relaxed) {
+                    tracing::info!(region = %self.clients.region, "the source answers again");
+                }
+            }
+        }
     }
 
     /// The thing's principals now (none when it is gone: its deletion has an event).
-    async fn principals(&self, thing: &str) -> Result<Vec<String>, AwsError> {
-        match limited!(self, "ListThingPrincipals", self.clients.iot.list_thing_principals().thing_name(thing)) {
+    async fn principals(&self, thing: &str, within: Option<Duration>) -> Result<Vec<String>, AwsError> {
+        match read!(self, within, "ListThingPrincipals", self.clients.iot.list_thing_principals().thing_name(thing)) {
             Ok(out) => Ok(out.principals.unwrap_or_default()),
             Err(e) if e.is(ErrorKind::NotFound) => Ok(Vec::new()),
             Err(e) => Err(e),
@@ -185,14 +334,22 @@ impl SourceFetcher {
         mut event: Event,
         principals: &HashMap<String, Result<Vec<String>, AwsError>>,
         plan: Option<&ReadPlan<'_>>,
-    ) -> Result<Vec<Event>, Box<DeadLetter>> {
+    ) -> Result<Vec<Event>, Incomplete> {
+        let patience = self.patience(plan);
         let fail = |event: Event, what: &str, e: AwsError| {
-            Box::new(DeadLetter::for_event(Step::Fetch, format!("{what} from {}: {e}", event.source_region), event))
+            if e.retryable() && patience.is_some() {
+                return Incomplete::Later(Box::new(event));
+            }
+            Incomplete::Dead(Box::new(DeadLetter::for_event(
+                Step::Fetch,
+                format!("{what} from {}: {e}", event.source_region),
+                event,
+            )))
         };
         match (event.entity, event.operation) {
             (Entity::Certificate, Operation::Created) if !carries_pem(&event) => {
                 let id = event.name.clone();
-                match self.certificate(&id, &event).await {
+                match self.certificate(&id, &event, self.within(patience)).await {
                     Ok(Some(mut events)) => {
                         let mut certificate = events.pop().expect("the certificate comes last");
                         // The status just read wins over the event's: a JITR
@@ -204,7 +361,7 @@ impl SourceFetcher {
                                 certificate.related.push((related::POLICY.into(), policy.clone()));
                             }
                             if !self.carried(Entity::Policy, policy) {
-                                match self.policy(policy, &event).await {
+                                match self.policy(policy, &event, self.within(patience)).await {
                                     Ok(found) => events.splice(0..0, found),
                                     Err(e) => return Err(fail(event, "fetching a JITR policy", e)),
                                 };
@@ -219,11 +376,11 @@ impl SourceFetcher {
                         events.push(certificate);
                         Ok(events)
                     }
-                    Ok(None) => Err(Box::new(DeadLetter::for_event(
+                    Ok(None) => Err(Incomplete::Dead(Box::new(DeadLetter::for_event(
                         Step::Fetch,
                         format!("certificate {id} is no longer in {}: nothing to replicate", event.source_region),
                         event,
-                    ))),
+                    )))),
                     Err(e) => Err(fail(event, "fetching the certificate", e)),
                 }
             }
@@ -245,7 +402,7 @@ impl SourceFetcher {
                     attached.push((related::PRINCIPAL.to_string(), id.to_string()));
                     let held = plan.is_some_and(|p| p.certificate_everywhere(id));
                     if !held && !self.carried(Entity::Certificate, id) {
-                        match self.certificate(id, &event).await {
+                        match self.certificate(id, &event, self.within(patience)).await {
                             Ok(Some(events)) => before.extend(events),
                             Ok(None) => {}
                             Err(e) => return Err(fail(event, "fetching its certificate", e)),
@@ -259,8 +416,9 @@ impl SourceFetcher {
             // A dynamic group's live event carries no query: read it.
             (Entity::ThingGroup, _) => {
                 let name = event.name.clone();
-                let described = match limited!(
+                let described = match read!(
                     self,
+                    self.within(patience),
                     "DescribeThingGroup",
                     self.clients.iot.describe_thing_group().thing_group_name(&name)
                 ) {
@@ -282,8 +440,8 @@ impl SourceFetcher {
     }
 
     /// The policy as an event with its default document (none when it is gone).
-    async fn policy(&self, name: &str, cause: &Event) -> Result<Option<Event>, AwsError> {
-        let got = match limited!(self, "GetPolicy", self.clients.iot.get_policy().policy_name(name)) {
+    async fn policy(&self, name: &str, cause: &Event, within: Option<Duration>) -> Result<Option<Event>, AwsError> {
+        let got = match read!(self, within, "GetPolicy", self.clients.iot.get_policy().policy_name(name)) {
             Ok(got) => got,
             Err(e) if e.is(ErrorKind::NotFound) => return Ok(None),
             Err(e) => return Err(e),
@@ -300,18 +458,28 @@ impl SourceFetcher {
 
     /// The certificate as an event (PEM, status, attached policies), after
     /// events for its policies new to this run. `None` when it is gone.
-    async fn certificate(&self, id: &str, cause: &Event) -> Result<Option<Vec<Event>>, AwsError> {
-        let described =
-            match limited!(self, "DescribeCertificate", self.clients.iot.describe_certificate().certificate_id(id)) {
-                Ok(out) => out
-                    .certificate_description
-                    .unwrap_or_else(|| aws_sdk_iot::types::CertificateDescription::builder().build()),
-                Err(e) if e.is(ErrorKind::NotFound) => return Ok(None),
-                Err(e) => return Err(e),
-            };
+    async fn certificate(
+        &self,
+        id: &str,
+        cause: &Event,
+        within: Option<Duration>,
+    ) -> Result<Option<Vec<Event>>, AwsError> {
+        let described = match read!(
+            self,
+            within,
+            "DescribeCertificate",
+            self.clients.iot.describe_certificate().certificate_id(id)
+        ) {
+            Ok(out) => out
+                .certificate_description
+                .unwrap_or_else(|| aws_sdk_iot::types::CertificateDescription::builder().build()),
+            Err(e) if e.is(ErrorKind::NotFound) => return Ok(None),
+            Err(e) => return Err(e),
+        };
         let Some(pem) = described.certificate_pem else { return Ok(None) };
         let arn = described.certificate_arn.unwrap_or_default();
-        let attached = limited!(self, "ListAttachedPolicies", self.clients.iot.list_attached_policies().target(&arn))?;
+        let attached =
+            read!(self, within, "ListAttachedPolicies", self.clients.iot.list_attached_policies().target(&arn))?;
         let mut events = Vec::new();
         let mut certificate = Event::new(Entity::Certificate, Operation::Created, id);
         certificate.id = format!("certificate-{id}");
@@ -325,7 +493,7 @@ impl SourceFetcher {
         for policy in attached.policies.unwrap_or_default().into_iter().filter_map(|p| p.policy_name) {
             certificate.related.push((related::POLICY.into(), policy.clone()));
             if !self.carried(Entity::Policy, &policy) {
-                events.extend(self.policy(&policy, cause).await?);
+                events.extend(self.policy(&policy, cause, within).await?);
             }
         }
         events.push(certificate);
@@ -352,6 +520,10 @@ pub struct ReadPlan<'a> {
     /// principals from their second read (`[ingest] recheck_after_ms` after
     /// them) rather than at ingest; `None` when there are no second reads.
     pub second_reads_from_ms: Option<u64>,
+    /// How long an ingest read retries a source that does not answer
+    /// (throttled, 5xx, unreachable) before its event is left to a second
+    /// read; `None`: until the retry deadline (no second reads to leave it to).
+    pub defer_after: Option<Duration>,
 }
 
 impl ReadPlan<'_> {

@@ -61,6 +61,6 @@ mod registry;
 pub use apply::{Applied, Applier, ApplyError, DependencyWait, forget_known};
 pub use clients::{RegionClients, sdk_config};
 pub use errors::{AwsError, ErrorKind};
-pub use fetch::{ReadPlan, SourceFetcher, carries_pem};
+pub use fetch::{DEFERRED, ReadPlan, SourceFetcher, carries_pem};
 pub use rate::{CallStats, DEFAULT_RATES, Limiter, RetryPolicy};
 pub use registry::GlobalRegistry;

@@ -183,6 +183,10 @@ pub struct CallStats {
     pub transient_failures: u64,
     /// Calls that were still failing retryably when the retry deadline passed.
     pub deadline_exceeded: u64,
+    /// Calls given a shorter deadline of their own (see [`Limiter::send_within`])
+    /// that were still failing retryably when it passed: their caller does
+    /// the work another way, not a failure.
+    pub gave_up_early: u64,
 }
 
 impl Limiter {
@@ -224,6 +228,7 @@ impl Limiter {
                 total.throttled += counts.throttled;
                 total.transient_failures += counts.transient_failures;
                 total.deadline_exceeded += counts.deadline_exceeded;
+                total.gave_up_early += counts.gave_up_early;
             }
         }
         total
@@ -262,6 +267,11 @@ impl Limiter {
         }
     }
 
+    /// How long calls are retried (see [`RetryPolicy::deadline`]).
+    pub fn retry_deadline(&self) -> Duration {
+        self.retry.deadline
+    }
+
     /// The rate the bucket of `operation` in `region` is held to now.
     pub fn current_rate(&self, region: &str, operation: &'static str) -> f64 {
         self.bucket(region, operation, |b| b.rate)
@@ -270,17 +280,55 @@ impl Limiter {
     /// Sends one call: waits for its token, retries throttling and transient
     /// failures with backoff until the retry deadline, and returns the last
     /// result. Throttling slows the operation's bucket down.
-    pub async fn send<T, F, Fut>(&self, region: &str, operation: &'static str, mut request: F) -> Result<T, AwsError>
+    pub async fn send<T, F, Fut>(&self, region: &str, operation: &'static str, request: F) -> Result<T, AwsError>
     where
         F: FnMut() -> Fut,
         Fut: Future<Output = Result<T, AwsError>>,
     {
-        let started = Instant::now();
+        self.send_within(region, operation, None, request).await
+    }
+
+    /// [`send`](Self::send), retrying for at most `deadline` when it is
+    /// shorter than the retry deadline, counted from the first token, and an
+    /// attempt in flight included (one can otherwise hang until its
+    /// timeout). The error after a shorter deadline is still retryable: the
+    /// caller that chose it has another way (ingest leaves the read to a
+    /// second read).
+    pub async fn send_within<T, F, Fut>(
+        &self,
+        region: &str,
+        operation: &'static str,
+        deadline: Option<Duration>,
+        mut request: F,
+    ) -> Result<T, AwsError>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, AwsError>>,
+    {
+        let early = deadline.filter(|d| *d < self.retry.deadline);
+        let deadline = early.unwrap_or(self.retry.deadline);
+        let mut first_token = None;
         let mut attempt = 0;
         loop {
             attempt += 1;
             self.acquire(region, operation).await;
-            let result = request().await;
+            let started = *first_token.get_or_insert_with(Instant::now);
+            let result = match early {
+                Some(early) => {
+                    let left = early.saturating_sub(started.elapsed());
+                    // Dropping a read midway changes nothing; callers with a deadline of their own only read.
+                    tokio::time::timeout(left, request()).await.unwrap_or_else(|_| {
+                        Err(AwsError {
+                            kind: super::errors::ErrorKind::Transient,
+                            code: "Timeout".into(),
+                            message: format!("no answer within {early:?}"),
+                            status: None,
+                            resource_id: None,
+                        })
+                    })
+                }
+                None => request().await,
+            };
             let throttled = matches!(&result, Err(e) if e.is(super::errors::ErrorKind::Throttled));
             self.bucket(region, operation, |b| {
                 if throttled {
@@ -290,7 +338,7 @@ impl Limiter {
                 }
             });
             let backoff = self.retry.backoff(attempt);
-            let in_time = started.elapsed() + backoff < self.retry.deadline;
+            let in_time = started.elapsed() + backoff < deadline;
             let retry = {
                 let mut all = self.stats.lock().expect("stats lock");
                 let stats = all.entry((region.to_string(), operation)).or_default();
@@ -305,7 +353,11 @@ impl Limiter {
                         true
                     }
                     Err(e) if e.retryable() => {
-                        stats.deadline_exceeded += 1;
+                        if early.is_some() {
+                            stats.gave_up_early += 1;
+                        } else {
+                            stats.deadline_exceeded += 1;
+                        }
                         stats.calls += 1;
                         false
                     }
@@ -324,6 +376,16 @@ impl Limiter {
                         tracing::debug!(region, operation, attempt, "retrying after {e}");
                     }
                     tokio::time::sleep(backoff).await;
+                }
+                Err(e) if e.retryable() && early.is_some() => {
+                    tracing::debug!(
+                        region,
+                        operation,
+                        attempt,
+                        "leaving it for later after {:?}: {e}",
+                        started.elapsed()
+                    );
+                    return Err(e);
                 }
                 Err(e) if e.retryable() => {
                     return Err(AwsError {
@@ -407,5 +469,39 @@ mod tests {
             assert!(policy.backoff(2) <= Duration::from_millis(200));
             assert!(policy.backoff(9) <= Duration::from_millis(350));
         }
+    }
+
+    #[tokio::test]
+    async fn a_deadline_of_its_own_ends_retries_and_a_hanging_attempt_in_time() {
+        let retry = RetryPolicy {
+            deadline: Duration::from_secs(3600),
+            initial_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_millis(500),
+        };
+        let limiter = Limiter::new(&HashMap::new(), retry);
+        let unavailable = AwsError {
+            kind: super::super::errors::ErrorKind::Transient,
+            code: "ServiceUnavailable".into(),
+            message: "503".into(),
+            status: Some(503),
+            resource_id: None,
+        };
+        let failing = || {
+            let error = unavailable.clone();
+            async move { Err::<(), _>(error) }
+        };
+        let started = tokio::time::Instant::now();
+        let result = limiter.send_within("r", "ListThingPrincipals", Some(Duration::from_millis(300)), failing).await;
+        assert!(result.unwrap_err().retryable(), "still retryable: the caller leaves it for later");
+        assert!(started.elapsed() < Duration::from_secs(60), "not the retry deadline: {:?}", started.elapsed());
+
+        let hanging = || std::future::pending::<Result<(), AwsError>>();
+        let started = tokio::time::Instant::now();
+        let result = limiter.send_within("r", "DescribeCertificate", Some(Duration::from_millis(300)), hanging).await;
+        assert!(result.unwrap_err().retryable());
+        assert!(started.elapsed() >= Duration::from_millis(300), "{:?}", started.elapsed());
+        assert!(started.elapsed() < Duration::from_secs(60), "the attempt in flight is cut: {:?}", started.elapsed());
+        let stats = limiter.stats(&["r".to_string()], &[]);
+        assert_eq!((stats.gave_up_early, stats.deadline_exceeded), (2, 0));
     }
 }

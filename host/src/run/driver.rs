@@ -31,7 +31,6 @@ use crate::sink::Sink;
 use crate::source::Source;
 use crate::state::queue::{Ingested, Recheck};
 use crate::state::{DeadLetter, StateStore};
-use futures_util::StreamExt;
 use std::cell::Cell;
 use std::time::Duration;
 use tokio::sync::Notify;
@@ -48,6 +47,10 @@ pub struct Options {
     pub recheck_after: Option<Duration>,
     /// Ingest waits while the queue holds this many events.
     pub queue_limit: u64,
+    /// An ingest read the source does not answer this long is left to a
+    /// second read, so ingest keeps up during a source outage (with
+    /// `recheck_after` only). `None`: it retries until the retry deadline.
+    pub defer_reads_after: Option<Duration>,
     /// Compare the targets with the source now and then and queue the drift
     /// (a run that follows its source only).
     pub reconcile: Option<Reconcile>,
@@ -63,9 +66,6 @@ pub struct AdminPart {
     pub requests: tokio::sync::Mutex<tokio::sync::mpsc::Receiver<crate::admin::Request>>,
     pub limiter: std::sync::Arc<crate::aws::Limiter>,
 }
-
-/// Second reads made at once.
-const RECHECK_CONCURRENCY: usize = 16;
 
 /// What the three parts tell each other.
 #[derive(Default)]
@@ -294,13 +294,17 @@ impl Ingest<'_> {
                     store: self.store,
                     targets: &self.config.targets,
                     second_reads_from_ms: after_ms.map(|after| now.saturating_sub(after)),
+                    defer_after: after_ms.and(self.options.defer_reads_after),
                 };
-                let (completed, failed) = fetcher.complete(events, Some(&plan)).await;
-                dead.extend(failed);
-                events = completed;
+                let completed = fetcher.complete(events, Some(&plan)).await;
+                dead.extend(completed.dead_letters);
+                events = completed.events;
                 if let Some(after_ms) = after_ms {
                     rechecks = rechecks_for(&events, now, after_ms);
                 }
+                // Due at once: the second reads retry them until the source answers.
+                summary.deferred_reads += completed.deferred.len() as u64;
+                rechecks.extend(completed.deferred.into_iter().map(|event| deferred_read(event, now)));
             }
             self.store.ingest(&Ingested {
                 events: &events,
@@ -357,17 +361,8 @@ impl Ingest<'_> {
             if due.is_empty() {
                 return Ok(());
             }
-            let mut events = Vec::new();
-            let mut dead = Vec::new();
             // Concurrently, as at ingest; results in the order they were due.
-            let reads = due.iter().map(|recheck| fetcher.reread(&recheck.kind, &recheck.name, &recheck.cause));
-            let mut done = futures_util::stream::iter(reads).buffered(RECHECK_CONCURRENCY);
-            while let Some(result) = done.next().await {
-                match result {
-                    Ok(found) => events.extend(found),
-                    Err(letter) => dead.push(*letter),
-                }
-            }
+            let (events, dead) = fetcher.rereads(&due).await;
             let after_ms = self.options.recheck_after.map_or(0, |after| after.as_millis() as u64);
             self.store.rechecked(&due, &events, &dead, after_ms)?;
             summary.rechecks += due.len() as u64;
@@ -418,6 +413,21 @@ fn rechecks_for(events: &[Event], now_ms: u64, after_ms: u64) -> Vec<Recheck> {
         }
     }
     rechecks
+}
+
+/// The second read that completes an event ingest could not: a thing is
+/// read again whole (its event was queued as it came); anything else is
+/// completed then, as itself, under a key of its own so that no later
+/// re-read replaces it.
+fn deferred_read(event: Event, now_ms: u64) -> Recheck {
+    let (kind, name) = match event.entity {
+        Entity::Thing => ("thing".to_string(), event.name.clone()),
+        entity => (
+            crate::aws::DEFERRED.to_string(),
+            format!("{} {} {} {}", entity.as_str(), event.name, event.timestamp_ms, event.id),
+        ),
+    };
+    Recheck { kind, name, due_ms: now_ms, cause: event }
 }
 
 struct Apply<'a> {

@@ -57,6 +57,9 @@ pub struct Summary {
     pub dead_letters: u64,
     /// Second reads of things and certificates from the source (see `Options::recheck_after`).
     pub rechecks: u64,
+    /// Events whose ingest reads the source did not answer in time, left to
+    /// a second read (see `Options::defer_reads_after`).
+    pub deferred_reads: u64,
 }
 
 impl Summary {
@@ -77,6 +80,7 @@ impl Summary {
         self.stale += other.stale;
         self.dead_letters += other.dead_letters;
         self.rechecks += other.rechecks;
+        self.deferred_reads += other.deferred_reads;
     }
 }
 

@@ -138,7 +138,7 @@ impl StateStore {
     pub fn due_rechecks(&self, now_ms: u64, max: usize) -> Result<Vec<Recheck>, StateError> {
         let rows: Vec<(String, String, i64, String)> = self.with(|c| {
             let mut statement = c.prepare_cached(
-                "SELECT kind, name, due_ms, cause FROM rechecks WHERE due_ms <= ?1 ORDER BY due_ms LIMIT ?2",
+                "SELECT kind, name, due_ms, cause FROM rechecks WHERE due_ms <= ?1 ORDER BY due_ms, rowid LIMIT ?2",
             )?;
             let rows = statement.query_map(params![now_ms as i64, max as i64], |row| {
                 Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?))
