@@ -196,6 +196,37 @@ async fn a_sync_with_an_unreachable_target_names_it_before_any_write() {
     assert!(written.is_empty(), "{written:?}");
 }
 
+/// Before writing, a sync asks IAM's policy simulator whether its caller
+/// may write in every target. moto has no simulator (it answers 500): the
+/// sync says the permissions were not checked, and goes on.
+#[tokio::test]
+async fn a_sync_says_when_it_cannot_check_write_permissions_and_goes_on() {
+    let moto = Moto::start();
+    seed(&moto, SOURCE, 2).await;
+    let iam = aws_sdk_iam::Client::new(&moto.sdk_config(SOURCE).await);
+    iam.create_user().user_name("syncer").send().await.unwrap();
+    let key = iam.create_access_key().user_name("syncer").send().await.unwrap().access_key.unwrap();
+    let test = Run::new(SOURCE, &moto.url, TARGET, &moto.url, &[], "");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_iotdr"))
+        .args(["sync", test.pipeline.to_str().unwrap()])
+        .current_dir(test.dir.path())
+        .env("IOTDR_CACHE_DIR", common::cache_dir())
+        .envs(moto.env())
+        .env("AWS_ACCESS_KEY_ID", &key.access_key_id)
+        .env("AWS_SECRET_ACCESS_KEY", &key.secret_access_key)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("write permissions not checked before writing: SimulatePrincipalPolicy for arn:aws:iam::123456789012:user/syncer failed"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains(&key.secret_access_key), "the secret key is never logged");
+    let things = moto.iot(TARGET).await.list_things().send().await.unwrap().things.unwrap_or_default();
+    assert_eq!(things.len(), 2);
+}
+
 /// `--query` copies the things fleet indexing finds, each whole (its
 /// attributes, memberships, certificates and shadows), and nothing of the others.
 #[tokio::test]

@@ -99,6 +99,11 @@ enum Command {
         /// then replicates it through its stages like any other event.
         #[arg(long, conflicts_with_all = ["dry_run", "query"])]
         into_table: bool,
+        /// Do not ask IAM's policy simulator, before writing, whether these
+        /// credentials may write in every target (for policies that allow
+        /// writes on some names only, which the check cannot tell apart).
+        #[arg(long)]
+        skip_permission_check: bool,
     },
     /// Compares each target region with the source region passed through the
     /// pipeline's stages, entity by entity: things (attributes, type, groups,
@@ -114,6 +119,11 @@ enum Command {
         /// missing or different, deletions of extras), then verify again.
         #[arg(long)]
         repair: bool,
+        /// Do not ask IAM's policy simulator, before writing, whether these
+        /// credentials may write in every target (for policies that allow
+        /// writes on some names only, which the check cannot tell apart).
+        #[arg(long)]
+        skip_permission_check: bool,
     },
     /// Sets up the source region for live replication, idempotently: turns
     /// registry events on, creates the event table (with a NEW_IMAGE stream
@@ -407,13 +417,13 @@ async fn execute(cli: Cli) -> Result<ExitCode> {
             anyhow::bail!("--into-table copies everything: it works with --mode full only")
         }
         Command::Sync { pipeline, from_start, into_table: true, .. } => sync_into_table(&pipeline, from_start).await,
-        Command::Sync { pipeline, dry_run, from_start: _, mode: SyncMode::Smart, query, .. } => {
-            smart_sync(&pipeline, dry_run, query, cli.cache_dir).await
-        }
-        Command::Sync { pipeline, dry_run, from_start, mode: SyncMode::Full, query, .. } => {
+        Command::Sync {
+            pipeline, dry_run, from_start: _, mode: SyncMode::Smart, query, skip_permission_check, ..
+        } => smart_sync(&pipeline, dry_run, query, !skip_permission_check, cli.cache_dir).await,
+        Command::Sync { pipeline, dry_run, from_start, mode: SyncMode::Full, query, skip_permission_check, .. } => {
             let mut config = PipelineConfig::load(&pipeline)?;
             if !dry_run {
-                iotdr::preflight::check(&config, query.as_deref()).await?;
+                iotdr::preflight::check(&config, query.as_deref(), !skip_permission_check).await?;
             }
             config.source = iotdr::config::Source::Scan;
             let run = RunFlags {
@@ -438,7 +448,9 @@ async fn execute(cli: Cli) -> Result<ExitCode> {
             let run = RunFlags { dry_run, until_idle, fetch, from_start, idle_after, scan_query: None };
             run_pipeline(&pipeline, config, run, cli.cache_dir).await
         }
-        Command::Verify { pipeline, json, repair } => verify(&pipeline, json, repair, cli.cache_dir).await,
+        Command::Verify { pipeline, json, repair, skip_permission_check } => {
+            verify(&pipeline, json, repair, !skip_permission_check, cli.cache_dir).await
+        }
         Command::Setup { pipeline, role_arn, table, ttl, dry_run } => {
             let config = PipelineConfig::load(&pipeline)?;
             let from_source = match &config.source {
@@ -693,6 +705,7 @@ async fn smart_sync(
     pipeline: &std::path::Path,
     dry_run: bool,
     query: Option<String>,
+    check_permissions: bool,
     cache_dir: Option<PathBuf>,
 ) -> Result<ExitCode> {
     let config = PipelineConfig::load(pipeline)?;
@@ -701,7 +714,7 @@ async fn smart_sync(
     let limiter = Arc::new(Limiter::from_config(&config.apply));
     let _lock = if dry_run { None } else { Some(FolderLock::take(&config.state_dir)?) };
     let state = Arc::new(if dry_run { StateStore::in_memory()? } else { StateStore::open(&config.state_dir)? });
-    iotdr::preflight::check(&config, query.as_deref()).await?;
+    iotdr::preflight::check(&config, query.as_deref(), !dry_run && check_permissions).await?;
     let reads = Reads { query, ..Reads::expected() };
     let progress = Progress::for_stderr();
     let verification = iotdr::verify::verify(&config, &mut built, limiter.clone(), Some(&progress), &reads)
@@ -727,14 +740,20 @@ async fn smart_sync(
 }
 
 /// `iotdr verify [--json] [--repair]`: exit 1 on drift (after the repair, with `--repair`).
-async fn verify(pipeline: &std::path::Path, json: bool, repair: bool, cache_dir: Option<PathBuf>) -> Result<ExitCode> {
+async fn verify(
+    pipeline: &std::path::Path,
+    json: bool,
+    repair: bool,
+    check_permissions: bool,
+    cache_dir: Option<PathBuf>,
+) -> Result<ExitCode> {
     let config = PipelineConfig::load(pipeline)?;
     let engine = engine(cache_dir)?;
     let mut built = Pipeline::build(&config, &engine)?;
     let limiter = Arc::new(Limiter::from_config(&config.apply));
     let context = || format!("verifying {}", pipeline.display());
     // A region that does not answer would otherwise be retried for hours.
-    iotdr::preflight::check(&config, None).await?;
+    iotdr::preflight::check(&config, None, repair && check_permissions).await?;
     let progress = Progress::for_stderr();
     let mut verification = iotdr::verify::verify(&config, &mut built, limiter.clone(), Some(&progress), &Reads::all())
         .await

@@ -1,31 +1,44 @@
 //! Checks made before a command writes (`sync`, `verify --repair`): the
-//! source region and every target answer a read with these credentials.
+//! source region and every target answer a read with these credentials,
+//! and the identity may make the writes a sync makes in every target.
 //! Without them, an unreachable or forbidden region would show only at the
 //! first write, retried until the run's deadline (hours), or as dead letters.
-//! Writes themselves cannot be tried without making one; an identity that
-//! may read and not write still fails at its first write, as a dead letter
-//! naming the call.
+//!
+//! Write permissions are asked of IAM's policy simulator
+//! (`SimulatePrincipalPolicy`) for the caller (`GetCallerIdentity`; an
+//! assumed role is simulated as its role, found with `GetRole`). It weighs
+//! the identity's policies, permission boundaries and the organization's
+//! SCPs, not a role session's own policy. Where it cannot be asked (the
+//! identity may not call it, root or federated callers, emulators without
+//! IAM) the check is skipped with a warning, and a missing permission shows
+//! at the first write, as a dead letter naming the call.
 
-use crate::aws::{AwsError, RegionClients, briefly};
+use crate::aws::{AwsError, RegionClients, briefly, sdk_config};
 use crate::config;
+use crate::event::Entity;
 
 #[derive(Debug, thiserror::Error)]
-#[error("{role} region {region} {what}: {error} (checked before any write; nothing was written)")]
-pub struct PreflightError {
-    pub role: &'static str,
-    pub region: String,
-    pub what: &'static str,
-    pub error: AwsError,
+pub enum PreflightError {
+    #[error("{role} region {region} {what}: {error} (checked before any write; nothing was written)")]
+    Unreachable { role: &'static str, region: String, what: &'static str, error: AwsError },
+    #[error(
+        "target region {region}: {principal} may not {} (IAM's policy simulator, for resources such as {example}; \
+         checked before any write; nothing was written). If its policies allow these on the names iotdr writes \
+         only, pass --skip-permission-check",
+        refused.join(", ")
+    )]
+    NotPermitted { region: String, principal: String, refused: Vec<String>, example: String },
 }
 
 /// Reads once from the source and from every target of `config`; with a
-/// sync's `query`, the source runs it once too.
-pub async fn check(config: &config::Pipeline, query: Option<&str>) -> Result<(), PreflightError> {
+/// sync's `query`, the source runs it once too. With `writes`, also asks
+/// whether the caller may write in every target.
+pub async fn check(config: &config::Pipeline, query: Option<&str>, writes: bool) -> Result<(), PreflightError> {
     let regions =
         std::iter::once(("source", &config.source_region)).chain(config.targets.iter().map(|t| ("target", t)));
     for (role, region) in regions {
         let settings = config.regions.get(region).cloned().unwrap_or_default();
-        let fail = |what, error| PreflightError { role, region: region.clone(), what, error };
+        let fail = |what, error| PreflightError::Unreachable { role, region: region.clone(), what, error };
         let clients =
             RegionClients::connect(region, &settings, false).await.map_err(|e| fail("cannot be reached", e))?;
         briefly!(clients.iot.list_thing_types().max_results(1))
@@ -35,5 +48,219 @@ pub async fn check(config: &config::Pipeline, query: Option<&str>) -> Result<(),
                 .map_err(|e| fail("rejects the --query (SearchIndex; is fleet indexing on?)", e))?;
         }
     }
+    if writes {
+        permissions(config).await?;
+    }
     Ok(())
+}
+
+/// The IAM actions a sync or a repair needs in a target, the kind of
+/// resource each acts on, and the entity whose replication needs it.
+const WRITES: [(&str, &str, Entity); 15] = [
+    ("iot:CreateThing", "thing", Entity::Thing),
+    ("iot:UpdateThing", "thing", Entity::Thing),
+    ("iot:AttachThingPrincipal", "thing", Entity::Thing),
+    ("iot:UpdateThingShadow", "thing", Entity::Shadow),
+    ("iot:CreateThingType", "thingtype", Entity::ThingType),
+    ("iot:CreateThingGroup", "thinggroup", Entity::ThingGroup),
+    ("iot:UpdateThingGroup", "thinggroup", Entity::ThingGroup),
+    ("iot:AddThingToThingGroup", "thinggroup", Entity::ThingGroupMembership),
+    ("iot:CreateBillingGroup", "billinggroup", Entity::BillingGroup),
+    ("iot:AddThingToBillingGroup", "billinggroup", Entity::BillingGroupMembership),
+    ("iot:RegisterCertificateWithoutCA", "cert", Entity::Certificate),
+    ("iot:UpdateCertificate", "cert", Entity::Certificate),
+    ("iot:AttachPolicy", "cert", Entity::Policy),
+    ("iot:CreatePolicy", "policy", Entity::Policy),
+    ("iot:CreatePolicyVersion", "policy", Entity::Policy),
+];
+
+/// The name the simulated resources take: any name iotdr may write.
+const PROBE: &str = "iotdr-permission-check";
+
+/// Who the policy simulator is asked about, from `GetCallerIdentity`'s ARN.
+#[derive(Debug, PartialEq)]
+enum Caller {
+    /// An IAM user: simulated as it is.
+    User(String),
+    /// A role session: the role is simulated (its ARN has a path `GetRole` knows).
+    Role { account: String, name: String },
+    /// Root, a federated user or anything else the simulator does not take.
+    Other(String),
+}
+
+fn caller(arn: &str) -> Caller {
+    let parts: Vec<&str> = arn.splitn(6, ':').collect();
+    let (service, account, resource) = match parts.as_slice() {
+        [_, _, service, _, account, resource] => (*service, *account, *resource),
+        _ => return Caller::Other(arn.to_string()),
+    };
+    match (service, resource.split('/').collect::<Vec<_>>().as_slice()) {
+        ("iam", ["user", ..]) => Caller::User(arn.to_string()),
+        ("sts", ["assumed-role", name, _session]) => Caller::Role { account: account.into(), name: (*name).into() },
+        _ => Caller::Other(arn.to_string()),
+    }
+}
+
+/// The resources simulated for one target: per kind, the actions
+/// `replicate` needs and an ARN of that kind in `region`.
+fn simulations(config: &config::Pipeline, region: &str, account: &str) -> Vec<(String, Vec<&'static str>)> {
+    let mut out: Vec<(String, Vec<&'static str>)> = Vec::new();
+    for (action, kind, entity) in WRITES {
+        if !config.apply.replicate.contains(&entity) {
+            continue;
+        }
+        let arn = format!("arn:aws:iot:{region}:{account}:{kind}/{PROBE}");
+        match out.iter_mut().find(|(a, _)| *a == arn) {
+            Some((_, actions)) => actions.push(action),
+            None => out.push((arn, vec![action])),
+        }
+    }
+    if let (Some(table), Some(first)) = (&config.apply.global_registry_table, config.targets.first())
+        && region == first
+    {
+        let table_region = config.apply.global_registry_region.as_deref().unwrap_or(region);
+        out.push((format!("arn:aws:dynamodb:{table_region}:{account}:table/{table}"), vec!["dynamodb:PutItem"]));
+    }
+    out
+}
+
+/// Asks IAM's policy simulator whether the caller may make a sync's writes
+/// in every target; skips (with a warning) when it cannot be asked.
+async fn permissions(config: &config::Pipeline) -> Result<(), PreflightError> {
+    let Some(first) = config.targets.first() else { return Ok(()) };
+    let settings = config.regions.get(first).cloned().unwrap_or_default();
+    let shared = sdk_config(first, settings.endpoint_url.as_deref()).await;
+    let skip = |why: String| {
+        tracing::warn!(
+            "write permissions not checked before writing: {why}; a missing permission shows at the first write, \
+             as a dead letter naming the call"
+        );
+    };
+    let sts = aws_sdk_sts::Client::new(&shared);
+    let identity = match briefly!(sts.get_caller_identity()) {
+        Ok(identity) => identity,
+        Err(e) => {
+            skip(format!("GetCallerIdentity failed: {e}"));
+            return Ok(());
+        }
+    };
+    let (arn, account) = (identity.arn.unwrap_or_default(), identity.account.unwrap_or_default());
+    let iam = aws_sdk_iam::Client::new(&shared);
+    let principal = match caller(&arn) {
+        Caller::User(arn) => arn,
+        Caller::Role { account, name } => match briefly!(iam.get_role().role_name(&name)) {
+            Ok(role) => role.role.map(|r| r.arn).unwrap_or_default(),
+            // Without GetRole: right unless the role has a path.
+            Err(_) => format!("arn:aws:iam::{account}:role/{name}"),
+        },
+        Caller::Other(arn) => {
+            skip(format!("IAM's policy simulator does not take the caller {arn}"));
+            return Ok(());
+        }
+    };
+    for region in &config.targets {
+        let mut refused = Vec::new();
+        let mut example = String::new();
+        for (resource, actions) in simulations(config, region, &account) {
+            let simulated = briefly!(
+                iam.simulate_principal_policy()
+                    .policy_source_arn(&principal)
+                    .set_action_names(Some(actions.iter().map(|a| a.to_string()).collect()))
+                    .resource_arns(&resource)
+            );
+            let results = match simulated {
+                Ok(out) => out.evaluation_results.unwrap_or_default(),
+                Err(e) => {
+                    skip(format!("SimulatePrincipalPolicy for {principal} failed: {e}"));
+                    return Ok(());
+                }
+            };
+            let decisions =
+                results.iter().map(|r| (r.eval_action_name.as_str(), r.eval_decision.as_str())).collect::<Vec<_>>();
+            let before = refused.len();
+            refused.extend(refusals(&actions, &decisions));
+            if refused.len() > before && example.is_empty() {
+                example = resource;
+            }
+        }
+        if !refused.is_empty() {
+            return Err(PreflightError::NotPermitted { region: region.clone(), principal, refused, example });
+        }
+    }
+    Ok(())
+}
+
+/// The actions the simulator did not allow, each with its decision; an
+/// action it gave no answer for counts as refused.
+fn refusals(actions: &[&str], decisions: &[(&str, &str)]) -> Vec<String> {
+    actions
+        .iter()
+        .filter_map(|action| match decisions.iter().find(|(a, _)| a.eq_ignore_ascii_case(action)) {
+            Some((_, "allowed")) => None,
+            Some((_, decision)) => Some(format!("{action} ({decision})")),
+            None => Some(format!("{action} (no answer)")),
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn callers_are_simulated_as_their_user_or_role() {
+        assert_eq!(
+            caller("arn:aws:iam::123456789012:user/ops/alice"),
+            Caller::User("arn:aws:iam::123456789012:user/ops/alice".into())
+        );
+        assert_eq!(
+            caller("arn:aws:sts::123456789012:assumed-role/iotdr-sync/i-0abc"),
+            Caller::Role { account: "123456789012".into(), name: "iotdr-sync".into() }
+        );
+        assert!(matches!(caller("arn:aws:iam::123456789012:root"), Caller::Other(_)));
+        assert!(matches!(caller("arn:aws:sts::123456789012:federated-user/bob"), Caller::Other(_)));
+        assert!(matches!(caller("not an arn"), Caller::Other(_)));
+    }
+
+    #[test]
+    fn what_is_not_allowed_is_named_with_its_decision() {
+        let actions = ["iot:CreateThing", "iot:UpdateThing", "iot:AttachThingPrincipal"];
+        let decisions = [("iot:CreateThing", "allowed"), ("iot:UpdateThing", "explicitDeny")];
+        assert_eq!(
+            refusals(&actions, &decisions),
+            ["iot:UpdateThing (explicitDeny)", "iot:AttachThingPrincipal (no answer)"]
+        );
+    }
+
+    #[test]
+    fn only_what_the_pipeline_replicates_is_simulated() {
+        let text = r#"
+[pipeline]
+name = "p"
+source_region = "us-east-1"
+targets = ["eu-west-1"]
+
+[source]
+kind = "dynamodb-stream"
+table = "events"
+
+[apply]
+replicate = ["things", "certificates"]
+"#;
+        let config = config::Pipeline::parse(std::path::Path::new("p.toml"), text, &|_| None).unwrap();
+        let simulated = simulations(&config, "eu-west-1", "123456789012");
+        assert_eq!(
+            simulated,
+            [
+                (
+                    "arn:aws:iot:eu-west-1:123456789012:thing/iotdr-permission-check".to_string(),
+                    vec!["iot:CreateThing", "iot:UpdateThing", "iot:AttachThingPrincipal"]
+                ),
+                (
+                    "arn:aws:iot:eu-west-1:123456789012:cert/iotdr-permission-check".to_string(),
+                    vec!["iot:RegisterCertificateWithoutCA", "iot:UpdateCertificate"]
+                ),
+            ]
+        );
+    }
 }
