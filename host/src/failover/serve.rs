@@ -16,7 +16,7 @@
 use super::check::{CheckReport, MqttCheck};
 use super::config::DrConfig;
 use axum::Router;
-use axum::extract::{Path, RawQuery, State};
+use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -52,12 +52,13 @@ pub async fn serve(config: &DrConfig, listener: tokio::net::TcpListener) -> Resu
         control_planes.insert(name.clone(), clients.iot);
     }
     let regions = Arc::new(Regions { checks, control_planes, secret, timeout: health.timeout });
-    let app = Router::new()
-        .route("/healthz", get(|| async { "ok\n" }))
+    // Every route but /healthz wants the secret, when one is set.
+    let guarded = Router::new()
         .route("/health", get(all_regions))
         .route("/health/{region}", get(one_region))
         .route("/control-plane/{region}", get(control_plane))
-        .with_state(regions.clone());
+        .route_layer(axum::middleware::from_fn_with_state(regions.clone(), require_secret));
+    let app = Router::new().route("/healthz", get(|| async { "ok\n" })).merge(guarded).with_state(regions.clone());
     tracing::info!(
         listen = %listener.local_addr().map_err(|e| e.to_string())?,
         regions = ?regions.checks.keys().collect::<Vec<_>>(),
@@ -76,8 +77,16 @@ fn allowed(regions: &Regions, query: Option<&str>) -> bool {
     given.len() == secret.len() && given.bytes().zip(secret.bytes()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
 }
 
-fn forbidden() -> Response {
-    (StatusCode::FORBIDDEN, "a secret is required: ?secret=\n").into_response()
+async fn require_secret(
+    State(regions): State<Arc<Regions>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    if allowed(&regions, request.uri().query()) {
+        next.run(request).await
+    } else {
+        (StatusCode::FORBIDDEN, "a secret is required: ?secret=\n").into_response()
+    }
 }
 
 fn unknown(region: &str) -> Response {
@@ -104,38 +113,21 @@ fn answer(healthy: bool, body: serde_json::Value) -> Response {
     (code, axum::Json(body)).into_response()
 }
 
-async fn one_region(
-    State(regions): State<Arc<Regions>>,
-    Path(region): Path<String>,
-    RawQuery(query): RawQuery,
-) -> Response {
-    if !allowed(&regions, query.as_deref()) {
-        return forbidden();
-    }
+async fn one_region(State(regions): State<Arc<Regions>>, Path(region): Path<String>) -> Response {
     match check(&regions, &region).await {
         Some(report) => answer(report.healthy, serde_json::to_value(&report).expect("a report is JSON")),
         None => unknown(&region),
     }
 }
 
-async fn all_regions(State(regions): State<Arc<Regions>>, RawQuery(query): RawQuery) -> Response {
-    if !allowed(&regions, query.as_deref()) {
-        return forbidden();
-    }
+async fn all_regions(State(regions): State<Arc<Regions>>) -> Response {
     let reports = futures_util::future::join_all(regions.checks.keys().map(|region| check(&regions, region))).await;
     let reports: Vec<CheckReport> = reports.into_iter().flatten().collect();
     let healthy = reports.iter().all(|r| r.healthy);
     answer(healthy, json!({ "healthy": healthy, "regions": reports }))
 }
 
-async fn control_plane(
-    State(regions): State<Arc<Regions>>,
-    Path(region): Path<String>,
-    RawQuery(query): RawQuery,
-) -> Response {
-    if !allowed(&regions, query.as_deref()) {
-        return forbidden();
-    }
+async fn control_plane(State(regions): State<Arc<Regions>>, Path(region): Path<String>) -> Response {
     let Some(iot) = regions.control_planes.get(&region) else { return unknown(&region) };
     let started = Instant::now();
     let outcome = tokio::time::timeout(regions.timeout, iot.list_things().max_results(1).send()).await;
