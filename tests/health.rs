@@ -105,6 +105,9 @@ fn each_region_answers_on_its_own_evidence_and_the_control_plane_apart() {
     // Without the secret, or a wrong one: refused before any check.
     assert_eq!(server.get(&format!("/health/{EAST}")).0, 403);
     assert_eq!(server.get(&format!("/health/{EAST}?secret=nope")).0, 403);
+    assert_eq!(server.get("/health").0, 403);
+    assert_eq!(server.get(&format!("/control-plane/{EAST}?region={EAST}")).0, 403);
+    assert_eq!(server.get("/healthz").0, 200, "the liveness probe wants no secret");
     assert_eq!(server.get(&format!("/health/us-west-2{secret}")).0, 404);
 
     let (code, report) = server.get(&format!("/health/{EAST}{secret}"));
