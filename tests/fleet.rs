@@ -531,6 +531,35 @@ async fn a_source_that_does_not_answer_holds_back_nothing_its_events_carry() {
     assert_same(&source_state, &target_state);
 }
 
+/// A JITR certificate whose read waited out a moment of source outage is
+/// completed once the source answers, and still read again later: it may
+/// be activated after that completion, with no event.
+#[tokio::test]
+async fn a_jitr_certificate_read_late_for_an_outage_is_still_read_again_after_its_activation() {
+    let moto = Moto::start();
+    let iot = jitr_policy(&moto).await;
+    let jitr = iot.create_keys_and_certificate().send().await.unwrap().certificate_id.unwrap();
+    let source = FaultProxy::start(&moto.url, 0.0);
+    source.set(json!({ "mode": "drop_before" }));
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64;
+    let extra = "jitr_policies = [\"jitr-policy\"]\n[ingest]\nrecheck_after_ms = 8000\ndefer_reads_after_ms = 300";
+    let test = Run::new(SOURCE, &source.url, TARGET, &moto.url, &[jitr_registered(&jitr, now)], extra);
+    let mut child = test.spawn(&moto);
+    wait_for(60, "ingest gave up on the source", || async { test.log().contains("the source does not answer") }).await;
+    source.set(json!({ "mode": null }));
+    let target = moto.iot(TARGET).await;
+    wait_for(60, "the certificate completed", || async {
+        target.describe_certificate().certificate_id(&jitr).send().await.is_ok()
+    })
+    .await;
+    iot.update_certificate().certificate_id(&jitr).new_status(CertificateStatus::Active).send().await.unwrap();
+
+    let status = tokio::task::spawn_blocking(move || child.wait().unwrap()).await.unwrap();
+    assert!(status.success(), "{}", test.log());
+    let state = region_state(&moto, TARGET).await;
+    assert_eq!(state["certificates"][&jitr], json!({ "status": "ACTIVE", "policies": ["jitr-policy"] }), "{state}");
+}
+
 /// SIGKILL at ten random moments while a fleet replicates, a restart after
 /// each: nothing is lost (the target equals the source field by field) and
 /// nothing is applied twice in effect (shadow versions, which count every

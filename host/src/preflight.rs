@@ -56,7 +56,7 @@ pub async fn check(config: &config::Pipeline, query: Option<&str>, writes: bool)
 
 /// The IAM actions a sync or a repair needs in a target, the kind of
 /// resource each acts on, and the entity whose replication needs it.
-const WRITES: [(&str, &str, Entity); 15] = [
+const WRITES: [(&str, &str, Entity); 16] = [
     ("iot:CreateThing", "thing", Entity::Thing),
     ("iot:UpdateThing", "thing", Entity::Thing),
     ("iot:AttachThingPrincipal", "thing", Entity::Thing),
@@ -64,6 +64,7 @@ const WRITES: [(&str, &str, Entity); 15] = [
     ("iot:CreateThingType", "thingtype", Entity::ThingType),
     ("iot:CreateThingGroup", "thinggroup", Entity::ThingGroup),
     ("iot:UpdateThingGroup", "thinggroup", Entity::ThingGroup),
+    ("iot:CreateDynamicThingGroup", "thinggroup", Entity::ThingGroup),
     ("iot:AddThingToThingGroup", "thinggroup", Entity::ThingGroupMembership),
     ("iot:CreateBillingGroup", "billinggroup", Entity::BillingGroup),
     ("iot:AddThingToBillingGroup", "billinggroup", Entity::BillingGroupMembership),
@@ -83,43 +84,60 @@ enum Caller {
     /// An IAM user: simulated as it is.
     User(String),
     /// A role session: the role is simulated (its ARN has a path `GetRole` knows).
-    Role { account: String, name: String },
+    Role { partition: String, account: String, name: String },
     /// Root, a federated user or anything else the simulator does not take.
     Other(String),
 }
 
 fn caller(arn: &str) -> Caller {
     let parts: Vec<&str> = arn.splitn(6, ':').collect();
-    let (service, account, resource) = match parts.as_slice() {
-        [_, _, service, _, account, resource] => (*service, *account, *resource),
+    let (partition, service, account, resource) = match parts.as_slice() {
+        ["arn", partition, service, _, account, resource] => (*partition, *service, *account, *resource),
         _ => return Caller::Other(arn.to_string()),
     };
     match (service, resource.split('/').collect::<Vec<_>>().as_slice()) {
         ("iam", ["user", ..]) => Caller::User(arn.to_string()),
-        ("sts", ["assumed-role", name, _session]) => Caller::Role { account: account.into(), name: (*name).into() },
+        ("sts", ["assumed-role", name, _session]) => {
+            Caller::Role { partition: partition.into(), account: account.into(), name: (*name).into() }
+        }
         _ => Caller::Other(arn.to_string()),
     }
 }
 
-/// The resources simulated for one target: per kind, the actions
-/// `replicate` needs and an ARN of that kind in `region`.
-fn simulations(config: &config::Pipeline, region: &str, account: &str) -> Vec<(String, Vec<&'static str>)> {
-    let mut out: Vec<(String, Vec<&'static str>)> = Vec::new();
+/// One question for the simulator: these actions on this resource, asked
+/// from this region (`aws:RequestedRegion`, which SCPs often condition on).
+#[derive(Debug, PartialEq)]
+struct Simulation {
+    resource: String,
+    region: String,
+    actions: Vec<&'static str>,
+}
+
+/// The questions for one target: per kind of resource, the actions
+/// `replicate` needs on an ARN of that kind in `region` (in the caller's
+/// `partition` and `account`), and the global registry's write with the first target.
+fn simulations(config: &config::Pipeline, region: &str, partition: &str, account: &str) -> Vec<Simulation> {
+    let mut out: Vec<Simulation> = Vec::new();
     for (action, kind, entity) in WRITES {
         if !config.apply.replicate.contains(&entity) {
             continue;
         }
-        let arn = format!("arn:aws:iot:{region}:{account}:{kind}/{PROBE}");
-        match out.iter_mut().find(|(a, _)| *a == arn) {
-            Some((_, actions)) => actions.push(action),
-            None => out.push((arn, vec![action])),
+        let resource = format!("arn:{partition}:iot:{region}:{account}:{kind}/{PROBE}");
+        match out.iter_mut().find(|s| s.resource == resource) {
+            Some(simulation) => simulation.actions.push(action),
+            None => out.push(Simulation { resource, region: region.to_string(), actions: vec![action] }),
         }
     }
     if let (Some(table), Some(first)) = (&config.apply.global_registry_table, config.targets.first())
         && region == first
     {
         let table_region = config.apply.global_registry_region.as_deref().unwrap_or(region);
-        out.push((format!("arn:aws:dynamodb:{table_region}:{account}:table/{table}"), vec!["dynamodb:PutItem"]));
+        out.push(Simulation {
+            resource: format!("arn:{partition}:dynamodb:{table_region}:{account}:table/{table}"),
+            region: table_region.to_string(),
+            // What `GlobalRegistry` writes with.
+            actions: vec!["dynamodb:UpdateItem"],
+        });
     }
     out
 }
@@ -145,13 +163,14 @@ async fn permissions(config: &config::Pipeline) -> Result<(), PreflightError> {
         }
     };
     let (arn, account) = (identity.arn.unwrap_or_default(), identity.account.unwrap_or_default());
+    let partition = arn.split(':').nth(1).unwrap_or("aws").to_string();
     let iam = aws_sdk_iam::Client::new(&shared);
     let principal = match caller(&arn) {
         Caller::User(arn) => arn,
-        Caller::Role { account, name } => match briefly!(iam.get_role().role_name(&name)) {
+        Caller::Role { partition, account, name } => match briefly!(iam.get_role().role_name(&name)) {
             Ok(role) => role.role.map(|r| r.arn).unwrap_or_default(),
             // Without GetRole: right unless the role has a path.
-            Err(_) => format!("arn:aws:iam::{account}:role/{name}"),
+            Err(_) => format!("arn:{partition}:iam::{account}:role/{name}"),
         },
         Caller::Other(arn) => {
             skip(format!("IAM's policy simulator does not take the caller {arn}"));
@@ -160,13 +179,20 @@ async fn permissions(config: &config::Pipeline) -> Result<(), PreflightError> {
     };
     for region in &config.targets {
         let mut refused = Vec::new();
+        let mut undetermined = Vec::new();
         let mut example = String::new();
-        for (resource, actions) in simulations(config, region, &account) {
+        for Simulation { resource, region: asked_from, actions } in simulations(config, region, &partition, &account) {
+            let requested_region = aws_sdk_iam::types::ContextEntry::builder()
+                .context_key_name("aws:RequestedRegion")
+                .context_key_values(asked_from)
+                .context_key_type(aws_sdk_iam::types::ContextKeyTypeEnum::String)
+                .build();
             let simulated = briefly!(
                 iam.simulate_principal_policy()
                     .policy_source_arn(&principal)
                     .set_action_names(Some(actions.iter().map(|a| a.to_string()).collect()))
                     .resource_arns(&resource)
+                    .context_entries(requested_region)
             );
             let results = match simulated {
                 Ok(out) => out.evaluation_results.unwrap_or_default(),
@@ -175,13 +201,29 @@ async fn permissions(config: &config::Pipeline) -> Result<(), PreflightError> {
                     return Ok(());
                 }
             };
-            let decisions =
-                results.iter().map(|r| (r.eval_action_name.as_str(), r.eval_decision.as_str())).collect::<Vec<_>>();
-            let before = refused.len();
-            refused.extend(refusals(&actions, &decisions));
-            if refused.len() > before && example.is_empty() {
+            let decisions = results
+                .iter()
+                .map(|r| Decision {
+                    action: r.eval_action_name.as_str(),
+                    decision: r.eval_decision.as_str(),
+                    needs_context: r.missing_context_values.as_ref().is_some_and(|m| !m.is_empty()),
+                })
+                .collect::<Vec<_>>();
+            let (no, unknown) = refusals(&actions, &decisions);
+            if !no.is_empty() && example.is_empty() {
                 example = resource;
             }
+            refused.extend(no);
+            undetermined.extend(unknown);
+        }
+        if !undetermined.is_empty() {
+            // A condition on what only the request itself holds (a tag, a source IP): the simulator cannot tell.
+            tracing::warn!(
+                region,
+                "write permissions not known before writing for {}: they depend on conditions the policy simulator \
+                 is not given",
+                undetermined.join(", ")
+            );
         }
         if !refused.is_empty() {
             return Err(PreflightError::NotPermitted { region: region.clone(), principal, refused, example });
@@ -190,17 +232,29 @@ async fn permissions(config: &config::Pipeline) -> Result<(), PreflightError> {
     Ok(())
 }
 
-/// The actions the simulator did not allow, each with its decision; an
-/// action it gave no answer for counts as refused.
-fn refusals(actions: &[&str], decisions: &[(&str, &str)]) -> Vec<String> {
-    actions
-        .iter()
-        .filter_map(|action| match decisions.iter().find(|(a, _)| a.eq_ignore_ascii_case(action)) {
-            Some((_, "allowed")) => None,
-            Some((_, decision)) => Some(format!("{action} ({decision})")),
-            None => Some(format!("{action} (no answer)")),
-        })
-        .collect()
+/// The simulator's answer for one action.
+struct Decision<'a> {
+    action: &'a str,
+    /// `allowed`, `explicitDeny` or `implicitDeny`.
+    decision: &'a str,
+    /// It named context keys it was not given: a denial may not hold.
+    needs_context: bool,
+}
+
+/// The actions the simulator did not allow, each with its decision (an
+/// action it gave no answer for counts as refused), and apart those whose
+/// denial rests on context it was not given.
+fn refusals(actions: &[&str], decisions: &[Decision]) -> (Vec<String>, Vec<String>) {
+    let (mut refused, mut undetermined) = (Vec::new(), Vec::new());
+    for action in actions {
+        match decisions.iter().find(|d| d.action.eq_ignore_ascii_case(action)) {
+            Some(d) if d.decision == "allowed" => {}
+            Some(d) if d.needs_context => undetermined.push(action.to_string()),
+            Some(d) => refused.push(format!("{action} ({})", d.decision)),
+            None => refused.push(format!("{action} (no answer)")),
+        }
+    }
+    (refused, undetermined)
 }
 
 #[cfg(test)]
@@ -215,7 +269,7 @@ mod tests {
         );
         assert_eq!(
             caller("arn:aws:sts::123456789012:assumed-role/iotdr-sync/i-0abc"),
-            Caller::Role { account: "123456789012".into(), name: "iotdr-sync".into() }
+            Caller::Role { partition: "aws".into(), account: "123456789012".into(), name: "iotdr-sync".into() }
         );
         assert!(matches!(caller("arn:aws:iam::123456789012:root"), Caller::Other(_)));
         assert!(matches!(caller("arn:aws:sts::123456789012:federated-user/bob"), Caller::Other(_)));
@@ -224,12 +278,16 @@ mod tests {
 
     #[test]
     fn what_is_not_allowed_is_named_with_its_decision() {
-        let actions = ["iot:CreateThing", "iot:UpdateThing", "iot:AttachThingPrincipal"];
-        let decisions = [("iot:CreateThing", "allowed"), ("iot:UpdateThing", "explicitDeny")];
-        assert_eq!(
-            refusals(&actions, &decisions),
-            ["iot:UpdateThing (explicitDeny)", "iot:AttachThingPrincipal (no answer)"]
-        );
+        let actions = ["iot:CreateThing", "iot:UpdateThing", "iot:AttachThingPrincipal", "iot:UpdateThingShadow"];
+        let decision = |action, decision, needs_context| Decision { action, decision, needs_context };
+        let decisions = [
+            decision("iot:CreateThing", "allowed", false),
+            decision("iot:UpdateThing", "explicitDeny", false),
+            decision("iot:UpdateThingShadow", "implicitDeny", true),
+        ];
+        let (refused, undetermined) = refusals(&actions, &decisions);
+        assert_eq!(refused, ["iot:UpdateThing (explicitDeny)", "iot:AttachThingPrincipal (no answer)"]);
+        assert_eq!(undetermined, ["iot:UpdateThingShadow"], "a denial resting on missing context is not a refusal");
     }
 
     #[test]
@@ -238,7 +296,7 @@ mod tests {
 [pipeline]
 name = "p"
 source_region = "us-east-1"
-targets = ["eu-west-1"]
+targets = ["eu-west-1", "cn-north-1"]
 
 [source]
 kind = "dynamodb-stream"
@@ -246,21 +304,39 @@ table = "events"
 
 [apply]
 replicate = ["things", "certificates"]
+global_registry_table = "fleet"
+global_registry_region = "us-east-1"
 "#;
         let config = config::Pipeline::parse(std::path::Path::new("p.toml"), text, &|_| None).unwrap();
-        let simulated = simulations(&config, "eu-west-1", "123456789012");
+        let simulation = |resource: &str, region: &str, actions: &[&'static str]| Simulation {
+            resource: resource.to_string(),
+            region: region.to_string(),
+            actions: actions.to_vec(),
+        };
         assert_eq!(
-            simulated,
+            simulations(&config, "cn-north-1", "aws-cn", "123456789012"),
             [
-                (
-                    "arn:aws:iot:eu-west-1:123456789012:thing/iotdr-permission-check".to_string(),
-                    vec!["iot:CreateThing", "iot:UpdateThing", "iot:AttachThingPrincipal"]
+                simulation(
+                    "arn:aws-cn:iot:cn-north-1:123456789012:thing/iotdr-permission-check",
+                    "cn-north-1",
+                    &["iot:CreateThing", "iot:UpdateThing", "iot:AttachThingPrincipal"]
                 ),
-                (
-                    "arn:aws:iot:eu-west-1:123456789012:cert/iotdr-permission-check".to_string(),
-                    vec!["iot:RegisterCertificateWithoutCA", "iot:UpdateCertificate"]
+                simulation(
+                    "arn:aws-cn:iot:cn-north-1:123456789012:cert/iotdr-permission-check",
+                    "cn-north-1",
+                    &["iot:RegisterCertificateWithoutCA", "iot:UpdateCertificate"]
                 ),
-            ]
+            ],
+            "not the first target: no global registry"
+        );
+        let first = simulations(&config, "eu-west-1", "aws", "123456789012");
+        assert_eq!(
+            first.last(),
+            Some(&simulation(
+                "arn:aws:dynamodb:us-east-1:123456789012:table/fleet",
+                "us-east-1",
+                &["dynamodb:UpdateItem"]
+            ))
         );
     }
 }

@@ -11,9 +11,8 @@ use crate::state::{DeadLetter, StateStore, Step};
 use futures_util::StreamExt;
 use serde_json::json;
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// The re-read kind of an event whose completion ingest left for later.
 pub const DEFERRED: &str = "deferred";
@@ -26,12 +25,18 @@ pub struct SourceFetcher {
     limiter: Arc<Limiter>,
     /// Policies attached to every certificate that arrives through JITR.
     jitr_policies: Vec<String>,
-    /// Certificates and policies already carried in this run: sent once.
+    /// Certificates and policies this run has queued (see [`carry`](Self::carry)): sent once.
     carried: Mutex<HashSet<(Entity, String)>>,
-    /// An ingest read gave up on the source (see [`ReadPlan::defer_after`])
-    /// and nothing has answered since: the next ingest reads try once.
-    source_down: AtomicBool,
+    /// Set when an ingest read gave up on the source (see
+    /// [`ReadPlan::defer_after`]) and nothing has answered since: ingest
+    /// reads are then not sent, but for one every [`PROBE_EVERY`] (the last
+    /// one let through is the time held), so that the source answering
+    /// again is seen even while every second read is busy retrying.
+    source_down: Mutex<Option<Instant>>,
 }
+
+/// While the source does not answer, one ingest read is let through this often.
+const PROBE_EVERY: Duration = Duration::from_secs(5);
 
 /// Sends one source read through the run's limiter, retrying until the
 /// limiter's deadline, or for at most `$within` (`ZERO`: none is sent), and
@@ -90,7 +95,7 @@ impl SourceFetcher {
             limiter,
             jitr_policies,
             carried: Mutex::new(HashSet::new()),
-            source_down: AtomicBool::new(false),
+            source_down: Mutex::new(None),
         }
     }
 
@@ -192,10 +197,11 @@ impl SourceFetcher {
         let reads = due.iter().map(|recheck| self.reread(&recheck.kind, &recheck.name, &recheck.cause));
         let mut done = futures_util::stream::iter(reads).buffered(READ_CONCURRENCY);
         let (mut events, mut dead) = (Vec::new(), Vec::new());
+        let mut kept = HashSet::new();
         while let Some(result) = done.next().await {
             match result {
                 // A certificate read again travels again: its status is what the read is for.
-                Ok(found) => self.keep_first(found, true, &mut events),
+                Ok(found) => self.keep_first(found, true, &mut kept, &mut events),
                 Err(letter) => dead.push(*letter),
             }
         }
@@ -203,17 +209,40 @@ impl SourceFetcher {
     }
 
     /// Moves what one read found to `out`: the event itself (last), and
-    /// before it the certificates and policies it needs, each the first time
-    /// this run carries it (`refreshed`: certificates every time). Decided
-    /// here, in source order, so a certificate or policy always comes before
-    /// the first event that needs it, whichever read finished first.
-    fn keep_first(&self, found: Vec<Event>, refreshed: bool, out: &mut Vec<Event>) {
+    /// before it the certificates and policies it needs, unless this run
+    /// queued them already or `kept` (this batch) holds them (`refreshed`:
+    /// certificates every time). Decided here, in source order, so a
+    /// certificate or policy always comes before the first event that needs
+    /// it, whichever read finished first. Batches in flight at once (ingest,
+    /// second reads) may each carry one: twice is harmless, never is not.
+    fn keep_first(
+        &self,
+        found: Vec<Event>,
+        refreshed: bool,
+        kept: &mut HashSet<(Entity, String)>,
+        out: &mut Vec<Event>,
+    ) {
         let count = found.len();
         for (index, event) in found.into_iter().enumerate() {
             let own = index + 1 == count;
-            let first = self.first_time(event.entity, &event.name);
+            let first = !self.carried(event.entity, &event.name) && kept.insert((event.entity, event.name.clone()));
             if own || first || (refreshed && event.entity == Entity::Certificate) {
                 out.push(event);
+            }
+        }
+    }
+
+    /// Notes the certificates and policies of `events` as queued: later
+    /// batches need not carry them. Called once `events` are stored, never
+    /// before, or an event of another batch stored first could go without
+    /// the policy it needs.
+    pub fn carry(&self, events: &[Event]) {
+        let mut carried = self.carried.lock().expect("carried lock");
+        let created = |e: &&Event| e.operation == Operation::Created;
+        for event in events.iter().filter(created).filter(|e| matches!(e.entity, Entity::Certificate | Entity::Policy))
+        {
+            if event.entity == Entity::Policy || carries_pem(event) {
+                carried.insert((event.entity, event.name.clone()));
             }
         }
     }
@@ -221,7 +250,7 @@ impl SourceFetcher {
     /// Completes a batch: each event comes back with what it was missing, after
     /// the certificates and policies it needs (new to this run; the event
     /// itself comes last in what `complete_one` returns). Events that
-    /// cannot be completed become dead letters.
+    /// cannot be completed become dead letters, or are deferred (below).
     ///
     /// Reads are spent only where they can change the outcome: an event
     /// `plan` spares, or whose thing the batch deletes later, is passed on as
@@ -256,11 +285,12 @@ impl SourceFetcher {
         });
         let mut done = futures_util::stream::iter(completions).buffered(READ_CONCURRENCY);
         let mut completed = Completed::default();
+        let mut kept = HashSet::new();
         let out = &mut completed.events;
         while let Some(result) = done.next().await {
             match result {
                 // A JITR certificate, last of its own, carries itself: later events need not.
-                Ok(events) => self.keep_first(events, false, out),
+                Ok(events) => self.keep_first(events, false, &mut kept, out),
                 Err(Incomplete::Dead(letter)) => completed.dead_letters.push(*letter),
                 Err(Incomplete::Later(event)) => {
                     let event = *event;
@@ -284,19 +314,30 @@ impl SourceFetcher {
     }
 
     /// How long an ingest read may take: `patience` while the source
-    /// answers; none is sent once a read gave up on it, until a second read
-    /// (they keep trying) gets an answer; the limiter's deadline without
-    /// patience.
+    /// answers; once a read gave up on it, none is sent (`ZERO`) but one
+    /// every [`PROBE_EVERY`], until a read gets an answer; the limiter's
+    /// deadline without patience.
     fn within(&self, patience: Option<Duration>) -> Option<Duration> {
-        patience.map(|p| if self.source_down.load(Ordering::Relaxed) { Duration::ZERO } else { p })
+        let patience = patience?;
+        let mut down = self.source_down.lock().expect("source_down lock");
+        match *down {
+            Some(probed) if probed.elapsed() < PROBE_EVERY => Some(Duration::ZERO),
+            Some(_) => {
+                *down = Some(Instant::now());
+                Some(patience)
+            }
+            None => Some(patience),
+        }
     }
 
     /// Notes whether the source answered a read (any answer but a retryable
     /// failure is one) or an ingest read gave up on it.
     fn answered<T>(&self, result: &Result<T, AwsError>, within: Option<Duration>) {
+        let mut down = self.source_down.lock().expect("source_down lock");
         match result {
             Err(e) if e.retryable() => {
-                if within.is_some() && !self.source_down.swap(true, Ordering::Relaxed) {
+                if within.is_some() && down.is_none() {
+                    *down = Some(Instant::now());
                     tracing::warn!(
                         region = %self.clients.region,
                         "the source does not answer ({e}): ingest stores events as they come and leaves their reads for later"
@@ -304,7 +345,7 @@ impl SourceFetcher {
                 }
             }
             _ => {
-                if self.source_down.swap(false, Ordering::Relaxed) {
+                if down.take().is_some() {
                     tracing::info!(region = %self.clients.region, "the source answers again");
                 }
             }
@@ -320,11 +361,7 @@ impl SourceFetcher {
         }
     }
 
-    fn first_time(&self, entity: Entity, name: &str) -> bool {
-        self.carried.lock().expect("carried lock").insert((entity, name.to_string()))
-    }
-
-    /// Whether an earlier batch already carried it (this batch decides in `complete`).
+    /// Whether an earlier batch carried it and was stored (this batch decides in `keep_first`).
     fn carried(&self, entity: Entity, name: &str) -> bool {
         self.carried.lock().expect("carried lock").contains(&(entity, name.to_string()))
     }

@@ -301,10 +301,14 @@ impl Ingest<'_> {
                 events = completed.events;
                 if let Some(after_ms) = after_ms {
                     rechecks = rechecks_for(&events, now, after_ms);
+                    // A deferred JITR certificate is read again later too: it may be activated after its read.
+                    rechecks.extend(rechecks_for(&completed.deferred, now, after_ms));
                 }
                 // Due at once: the second reads retry them until the source answers.
                 summary.deferred_reads += completed.deferred.len() as u64;
-                rechecks.extend(completed.deferred.into_iter().map(|event| deferred_read(event, now)));
+                let deferred: Vec<Recheck> =
+                    completed.deferred.into_iter().filter_map(|event| deferred_read(event, now, &rechecks)).collect();
+                rechecks.extend(deferred);
             }
             self.store.ingest(&Ingested {
                 events: &events,
@@ -313,6 +317,9 @@ impl Ingest<'_> {
                 rechecks: &rechecks,
                 thing_attributes: &context.learned(),
             })?;
+            if let Some(fetcher) = self.fetcher {
+                fetcher.carry(&events);
+            }
             report_dead(self.report, &dead, &mut summary);
             source.acknowledge().await?;
             self.signals.queued.notify_one();
@@ -365,6 +372,7 @@ impl Ingest<'_> {
             let (events, dead) = fetcher.rereads(&due).await;
             let after_ms = self.options.recheck_after.map_or(0, |after| after.as_millis() as u64);
             self.store.rechecked(&due, &events, &dead, after_ms)?;
+            fetcher.carry(&events);
             summary.rechecks += due.len() as u64;
             report_dead(self.report, &dead, summary);
             self.signals.queued.notify_one();
@@ -416,18 +424,20 @@ fn rechecks_for(events: &[Event], now_ms: u64, after_ms: u64) -> Vec<Recheck> {
 }
 
 /// The second read that completes an event ingest could not: a thing is
-/// read again whole (its event was queued as it came); anything else is
-/// completed then, as itself, under a key of its own so that no later
-/// re-read replaces it.
-fn deferred_read(event: Event, now_ms: u64) -> Recheck {
+/// read again whole (its event was queued as it came), unless `asked`
+/// already holds a later one (a read now would take that one's place, and
+/// see less); anything else is completed then, as itself, under a key of
+/// its own so that no later re-read replaces it.
+fn deferred_read(event: Event, now_ms: u64, asked: &[Recheck]) -> Option<Recheck> {
     let (kind, name) = match event.entity {
+        Entity::Thing if asked.iter().any(|r| r.kind == "thing" && r.name == event.name) => return None,
         Entity::Thing => ("thing".to_string(), event.name.clone()),
         entity => (
             crate::aws::DEFERRED.to_string(),
             format!("{} {} {} {}", entity.as_str(), event.name, event.timestamp_ms, event.id),
         ),
     };
-    Recheck { kind, name, due_ms: now_ms, cause: event }
+    Some(Recheck { kind, name, due_ms: now_ms, cause: event })
 }
 
 struct Apply<'a> {

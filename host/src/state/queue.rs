@@ -31,7 +31,8 @@ pub struct Ingested<'a> {
 /// principal is attached to a thing.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Recheck {
-    /// `thing` or `certificate`.
+    /// `thing` or `certificate`, or `deferred`: the completion of the
+    /// cause itself, which ingest left for later (`name` is then unique to it).
     pub kind: String,
     pub name: String,
     pub due_ms: u64,
