@@ -274,6 +274,57 @@ async fn bad_input_becomes_dead_letters_and_the_rest_is_applied() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("removed 3"));
 }
 
+/// AWS publishes each topic's events in no common order: a shadow report
+/// or a membership can come before the `created` event of what it needs,
+/// in another batch. Such a change waits for it, and never becomes a dead
+/// letter while it may still come; what never comes is one at the end.
+#[tokio::test]
+async fn a_change_that_comes_before_what_it_needs_waits_for_it() {
+    let moto = Moto::start();
+    let membership = |thing: &str, group: &str, at: u64| {
+        record(
+            &format!("$aws/events/thingGroupMembership/thingGroup/{group}/thing/{thing}/added"),
+            json!({ "eventId": format!("m-{thing}-{at}"), "timestamp": at, "operation": "ADDED",
+                    "accountId": "111122223333" }),
+        )
+    };
+    // Times as the source made them (the thing and group first), in the order they arrived.
+    let events = vec![
+        shadow_event("late-1", None, 1, json!({ "reported": { "rpm": 900 } })),
+        membership("late-1", "late-group", 3),
+        shadow_event("late-1", None, 2, json!({ "reported": { "rpm": 1200 } })),
+        thing_event("CREATED", "late-1", None, json!({ "site": "porto" }), 1),
+        record(
+            "$aws/events/thingGroup/late-group/created",
+            json!({ "eventType": "THING_GROUP_EVENT", "eventId": "g-late", "timestamp": 2, "operation": "CREATED",
+                    "accountId": "111122223333", "thingGroupName": "late-group", "versionNumber": 1, "attributes": {} }),
+        ),
+        // Its type never arrives.
+        thing_event("CREATED", "orphan-2", Some("never-type"), json!({}), 4),
+    ];
+    let test = pipeline(&moto, &events, "");
+    // One event per batch: nothing a change needs is in its own batch.
+    let text =
+        std::fs::read_to_string(&test.pipeline).unwrap().replace("name = \"test\"", "name = \"test\"\nbatch_size = 1");
+    std::fs::write(&test.pipeline, text).unwrap();
+    let summary = run(&moto, &test);
+    assert_eq!(summary["run"]["dead_letters"], 1, "only the orphan: {summary}");
+    assert!(summary["run"]["waited"].as_u64().unwrap() >= 3, "{summary}");
+
+    let state = target_state(&moto).await;
+    let late = &state["things"]["late-1"];
+    assert_eq!(late["groups"], json!(["late-group"]), "{state}");
+    assert_eq!(late["attributes"], json!({ "site": "porto" }));
+    assert_eq!(late["shadows"]["classic"]["state"]["reported"]["rpm"], 1200, "{state}");
+    assert!(state["things"].get("orphan-2").is_none());
+    let out = iotdr(&moto, test.dir.path(), &["dead-letters", "list", test.pipeline.to_str().unwrap()]);
+    let letters: Vec<Value> =
+        String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    assert_eq!(letters[0]["event"]["name"], "orphan-2");
+    assert!(letters[0]["reason"].as_str().unwrap().contains("never arrived"), "{letters:?}");
+}
+
 fn fixture_lines(name: &str) -> Vec<String> {
     let path = common::root().join("tests/fixtures/aws").join(name);
     std::fs::read_to_string(path).unwrap().lines().filter(|l| !l.trim().is_empty()).map(str::to_string).collect()

@@ -130,6 +130,8 @@ impl LagHistogram {
 pub struct Gauges<'a> {
     pub calls: Vec<(String, &'static str, crate::aws::CallStats)>,
     pub queue_depth: u64,
+    /// Changes waiting for something they need in a target.
+    pub waiting: u64,
     pub dead_letters: u64,
     /// Per step, and per stage for the `stage` step.
     pub dead_letters_by_step: Vec<(String, Option<String>, u64)>,
@@ -169,6 +171,12 @@ pub fn render_metrics(gauges: &Gauges) -> String {
         registry.register(name, help, gauge);
     };
     gauge("queue_depth", "Events stored and waiting to be applied", gauges.queue_depth, &mut registry);
+    gauge(
+        "waiting_changes",
+        "Changes waiting for something they need in a target (a thing, type, group, policy, certificate)",
+        gauges.waiting,
+        &mut registry,
+    );
     gauge("dead_letters", "Dead letters kept in the state store", gauges.dead_letters, &mut registry);
     let by_step = Family::<Labels, Gauge>::default();
     for (step, stage, count) in &gauges.dead_letters_by_step {

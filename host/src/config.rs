@@ -222,9 +222,14 @@ pub struct Apply {
     pub rate_limits: BTreeMap<String, f64>,
     /// Policies attached in the targets to every certificate that arrives through JITR.
     pub jitr_policies: Vec<String>,
-    /// How often a change whose dependency is missing in the target is retried, and the pause between.
+    /// How often a call whose dependency is missing in the target is tried
+    /// again in place, and the pause between (growing 1×, 2×, 3× …).
     pub dependency_attempts: u32,
     pub dependency_pause: Duration,
+    /// How long a run keeps a change whose dependency is missing waiting for
+    /// it (tried again after pauses that start at `dependency_pause` and
+    /// double) before it is dead-lettered.
+    pub dependency_deadline: Duration,
 }
 
 impl Default for Apply {
@@ -239,8 +244,11 @@ impl Default for Apply {
             max_backoff: Duration::from_secs(20),
             rate_limits: BTreeMap::new(),
             jitr_policies: Vec::new(),
-            dependency_attempts: 4,
+            // A run does not hold its batch for a missing dependency: the
+            // change waits in the store, and the batch goes on.
+            dependency_attempts: 0,
             dependency_pause: Duration::from_millis(250),
+            dependency_deadline: Duration::from_secs(3600),
         }
     }
 }
@@ -402,6 +410,7 @@ struct RawApply {
     rate_limits: BTreeMap<Spanned<String>, Spanned<f64>>,
     dependency_attempts: Option<Spanned<i64>>,
     dependency_pause_ms: Option<Spanned<i64>>,
+    dependency_deadline_ms: Option<Spanned<i64>>,
     #[serde(default)]
     jitr_policies: Vec<String>,
 }
@@ -724,6 +733,8 @@ fn apply_settings(
             .map_or(defaults.dependency_attempts, |n| n as u32),
         dependency_pause: bounded(&raw.dependency_pause_ms, "dependency_pause_ms", 0..600_001)?
             .map_or(defaults.dependency_pause, millis),
+        dependency_deadline: bounded(&raw.dependency_deadline_ms, "dependency_deadline_ms", 0..604_800_001)?
+            .map_or(defaults.dependency_deadline, millis),
     };
     if apply.initial_backoff > apply.max_backoff {
         let span = raw.initial_backoff_ms.as_ref().map_or(0..0, |v| v.span());

@@ -4,8 +4,13 @@
 //! depends on (a thing for its type, a membership for its group, a child
 //! group for its parent, a certificate for its policies). Everything else
 //! runs concurrently.
+//!
+//! AWS publishes the events of different topics in no common order: a
+//! shadow report can come before its thing's `created` event, a membership
+//! before its group's. So a change that needs something first created later
+//! in the batch (and not seen earlier in it) goes after that creation.
 
-use crate::event::{Entity, Event, related};
+use crate::event::{Entity, Event, Operation, related};
 use std::collections::HashMap;
 
 /// The ordering keys an event depends on, besides its own.
@@ -64,28 +69,83 @@ pub fn levels<'a>(changes: impl IntoIterator<Item = (&'a str, &'a Event)>) -> Ve
         last_write: Option<usize>,
         reads_since_write: Option<usize>,
     }
+    let changes: Vec<(&str, &Event)> = changes.into_iter().collect();
     let mut keys: HashMap<(&str, String), Key> = HashMap::new();
-    changes
-        .into_iter()
-        .map(|(region, event)| {
-            let own = event.ordering_key();
-            let reads = dependencies(event);
-            let own_key = keys.get(&(region, own.clone()));
-            let after = own_key
-                .map(|k| k.last_write.max(k.reads_since_write))
-                .into_iter()
-                .chain(reads.iter().map(|key| keys.get(&(region, key.clone())).and_then(|k| k.last_write)))
-                .flatten()
-                .max();
-            let level = after.map_or(0, |l| l + 1);
-            keys.insert((region, own), Key { last_write: Some(level), reads_since_write: None });
-            for key in reads {
-                let entry = keys.entry((region, key)).or_default();
-                entry.reads_since_write = entry.reads_since_write.max(Some(level));
-            }
-            level
-        })
-        .collect()
+    let mut levels = vec![0; changes.len()];
+    for index in creations_first(&changes) {
+        let (region, event) = changes[index];
+        let own = event.ordering_key();
+        let reads = dependencies(event);
+        let own_key = keys.get(&(region, own.clone()));
+        let after = own_key
+            .map(|k| k.last_write.max(k.reads_since_write))
+            .into_iter()
+            .chain(reads.iter().map(|key| keys.get(&(region, key.clone())).and_then(|k| k.last_write)))
+            .flatten()
+            .max();
+        let level = after.map_or(0, |l| l + 1);
+        keys.insert((region, own), Key { last_write: Some(level), reads_since_write: None });
+        for key in reads {
+            let entry = keys.entry((region, key)).or_default();
+            entry.reads_since_write = entry.reads_since_write.max(Some(level));
+        }
+        levels[index] = level;
+    }
+    levels
+}
+
+/// The entity whose `created` event makes what an ordering key names.
+fn maker(key: &str) -> Option<Entity> {
+    Some(match key.split_once('/')?.0 {
+        "thing" => Entity::Thing,
+        "thing-type" => Entity::ThingType,
+        "thing-group" => Entity::ThingGroup,
+        "billing-group" => Entity::BillingGroup,
+        "certificate" => Entity::Certificate,
+        "policy" => Entity::Policy,
+        _ => return None,
+    })
+}
+
+/// The changes' indices in the order they are leveled: source order, except
+/// that a change needing something (its own key's entity, or a dependency)
+/// whose first change in the batch comes later and is its creation goes
+/// right after that creation. Changes of one entity need the same things,
+/// so they keep their order.
+fn creations_first(changes: &[(&str, &Event)]) -> Vec<usize> {
+    let makes = |event: &Event, key: &str| maker(key) == Some(event.entity);
+    // Where each (region, key) is first changed by what makes it.
+    let mut first_made: HashMap<(&str, String), usize> = HashMap::new();
+    for (index, (region, event)) in changes.iter().enumerate() {
+        let own = event.ordering_key();
+        if makes(event, &own) {
+            first_made.entry((region, own)).or_insert(index);
+        }
+    }
+    // Changes held back, by the creation they follow.
+    let mut waiting: HashMap<usize, Vec<usize>> = HashMap::new();
+    let mut order = Vec::with_capacity(changes.len());
+    let emit = |index: usize, order: &mut Vec<usize>, waiting: &mut HashMap<usize, Vec<usize>>| {
+        let mut stack = vec![index];
+        while let Some(index) = stack.pop() {
+            order.push(index);
+            // Pushed in reverse, so they come out in source order.
+            stack.extend(waiting.remove(&index).unwrap_or_default().into_iter().rev());
+        }
+    };
+    for (index, (region, event)) in changes.iter().enumerate() {
+        let own = event.ordering_key();
+        let needed = std::iter::once(own.clone()).filter(|own| !makes(event, own)).chain(dependencies(event));
+        let after = needed
+            .filter_map(|key| first_made.get(&(*region, key)).copied())
+            .filter(|&made| made > index && changes[made].1.operation == Operation::Created)
+            .max();
+        match after {
+            Some(made) => waiting.entry(made).or_default().push(index),
+            None => emit(index, &mut order, &mut waiting),
+        }
+    }
+    order
 }
 
 #[cfg(test)]
@@ -126,6 +186,32 @@ mod tests {
         // Another region does not wait for this one.
         let mixed = levels_of(&events[..2], &["eu-west-1", "eu-central-1"]);
         assert_eq!(mixed, vec![0, 0]);
+    }
+
+    #[test]
+    fn a_change_that_comes_before_the_creation_it_needs_goes_after_it() {
+        let mut updated = event(Entity::Thing, "pump-1", &[]);
+        updated.operation = Operation::Updated;
+        let mut deleted = event(Entity::Thing, "pump-3", &[]);
+        deleted.operation = Operation::Deleted;
+        let events = [
+            // Shadow reports and a membership ahead of the thing and group they need.
+            event(Entity::Shadow, "pump-1", &[]),
+            event(Entity::ThingGroupMembership, "pump-2", &[("thing-group", "berlin")]),
+            event(Entity::Shadow, "pump-1", &[]),
+            event(Entity::Thing, "pump-1", &[]),
+            event(Entity::ThingGroup, "berlin", &[("parent-group", "europe")]),
+            event(Entity::ThingGroup, "europe", &[]),
+            updated,
+            // The thing existed before the batch: its report keeps its place before the delete.
+            event(Entity::Shadow, "pump-3", &[]),
+            deleted,
+            event(Entity::Thing, "pump-3", &[]),
+        ];
+        let levels = levels(events.iter().map(|e| ("eu-west-1", e)));
+        // pump-1: created 0, reports 1 and 2, updated 3. berlin waits for europe (0), the membership for berlin.
+        // pump-3: report 0, deleted 1, created again 2.
+        assert_eq!(levels, vec![1, 2, 2, 0, 1, 0, 3, 0, 1, 2]);
     }
 
     fn levels_of(events: &[Event], regions: &[&'static str]) -> Vec<usize> {

@@ -65,6 +65,14 @@ pub enum ApplyError {
     State(#[from] StateErrorText),
 }
 
+impl ApplyError {
+    /// Something the change needs (a thing, a type, a group, a policy, a
+    /// certificate) is not in the target region: it may yet arrive.
+    pub fn is_missing_dependency(&self) -> bool {
+        is(self, ErrorKind::NotFound)
+    }
+}
+
 /// A state-store failure, as text so the error stays `Clone`.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 #[error("{0}")]
@@ -84,8 +92,9 @@ pub enum Applied {
     Stale,
 }
 
-/// How long a call whose dependency is missing waits for it to arrive
-/// (a type created by another source, a parent group in a later batch).
+/// How long a call whose dependency is missing waits for it in place
+/// before its change is given up (to wait in the run's store, or, outside a
+/// run, to become a dead letter).
 #[derive(Debug, Clone, PartialEq)]
 pub struct DependencyWait {
     pub attempts: u32,
@@ -94,7 +103,7 @@ pub struct DependencyWait {
 
 impl Default for DependencyWait {
     fn default() -> Self {
-        DependencyWait { attempts: 4, pause: Duration::from_millis(250) }
+        DependencyWait { attempts: 0, pause: Duration::from_millis(250) }
     }
 }
 
@@ -220,7 +229,7 @@ impl Applier {
                         operation,
                         error: AwsError {
                             message: format!(
-                                "{} (a resource this change depends on is missing in {}; it never arrived)",
+                                "{} (a resource this change depends on is missing in {})",
                                 error.message, c.region
                             ),
                             ..error

@@ -20,6 +20,7 @@
 
 use super::reconcile::Reconcile;
 use super::reload::Reload;
+use super::waiting::Waiting;
 use super::{RunError, Summary, apply_events};
 use crate::aws::{ReadPlan, SourceFetcher};
 use crate::config;
@@ -137,6 +138,7 @@ pub async fn run<S: Source, K: Sink>(
                 queued = store.queue_len().unwrap_or(0),
                 changes = signals.changes.get(),
                 dead_letters = signals.dead_letters.get(),
+                waiting = store.waiting_count().unwrap_or(0),
                 version = options.reload.as_ref().map_or(1, Reload::serving),
                 "status"
             );
@@ -207,6 +209,7 @@ async fn answer_admin(
                     "queue_depth": store.queue_len().unwrap_or(0),
                     "dead_letters": store.dead_letter_count().unwrap_or(0),
                     "dead_letters_by_step": dead_letters_by_step(store),
+                    "waiting_for_dependencies": store.waiting_count().unwrap_or(0),
                     "lag_seconds": signals.last_lag_ms.get().map(|ms| ms as f64 / 1000.0),
                     "changes_applied": signals.changes.get(),
                     "source_positions": store.checkpoints("").unwrap_or_default(),
@@ -219,6 +222,7 @@ async fn answer_admin(
                     stage_counts: &stage_counts,
                     calls: admin.limiter.all_stats(),
                     queue_depth: store.queue_len().unwrap_or(0),
+                    waiting: store.waiting_count().unwrap_or(0),
                     dead_letters: store.dead_letter_count().unwrap_or(0),
                     dead_letters_by_step: store.dead_letters_by_step().unwrap_or_default(),
                     lag: &signals.lag,
@@ -455,7 +459,9 @@ impl Apply<'_> {
         reload: Option<&Reload>,
     ) -> Result<Summary, RunError> {
         let mut summary = Summary::default();
+        let mut waiting = Waiting::new(self.config, self.store)?;
         loop {
+            self.signals.changes.set(summary.changes);
             // Between batches: a batch runs whole under one version.
             if let Some(reload) = reload {
                 reload.swap_into(pipeline);
@@ -465,9 +471,25 @@ impl Apply<'_> {
             let queued = self.store.queued(0, self.config.batch_size)?;
             let Some(&(through, _)) = queued.last() else {
                 if done {
+                    // Nothing more will come: what still waits never will arrive.
+                    if waiting.next_due().is_some() {
+                        let dead = waiting.retry(pipeline, sink, &mut summary, true).await?;
+                        self.made_dead_letters(&dead, &mut summary);
+                    }
                     return Ok(summary);
                 }
-                self.signals.queued.notified().await;
+                match waiting.next_due() {
+                    Some(due) => {
+                        tokio::select! {
+                            () = self.signals.queued.notified() => {}
+                            () = tokio::time::sleep_until(due.into()) => {
+                                let dead = waiting.retry(pipeline, sink, &mut summary, false).await?;
+                                self.made_dead_letters(&dead, &mut summary);
+                            }
+                        }
+                    }
+                    None => self.signals.queued.notified().await,
+                }
                 continue;
             };
             let events: Vec<Event> = queued.into_iter().map(|(_, event)| event).collect();
@@ -475,8 +497,12 @@ impl Apply<'_> {
             // A halt leaves the batch in the queue: the next run applies it first.
             let count = events.len();
             let changes = summary.changes;
-            let dead = apply_events(self.config, pipeline, sink, 0, events, &mut summary).await?;
-            self.store.applied(through, &dead)?;
+            let mut waits = Vec::new();
+            let dead = apply_events(self.config, pipeline, sink, 0, events, &mut summary, Some(&mut waits)).await?;
+            self.store.applied(through, &dead, &waits)?;
+            if !waits.is_empty() {
+                waiting.added();
+            }
             let lag_ms = self.signals.lag.observe_since(&source_times, crate::event::now_ms());
             if lag_ms.is_some() {
                 self.signals.last_lag_ms.set(lag_ms);
@@ -485,21 +511,27 @@ impl Apply<'_> {
                 events = count,
                 changes = summary.changes - changes,
                 dead_letters = dead.len(),
+                waiting = waits.len(),
                 through,
                 lag_ms,
                 version = reload.map_or(1, Reload::serving),
                 "batch applied"
             );
-            self.signals.changes.set(self.signals.changes.get() + summary.changes - changes);
             *self.signals.counters.borrow_mut() = pipeline.counters();
             *self.signals.stage_counts.borrow_mut() = pipeline.stage_counts();
-            self.signals.dead_letters.set(self.signals.dead_letters.get() + dead.len() as u64);
-            for letter in &dead {
-                (self.report)(letter);
-            }
-            summary.dead_letters += dead.len() as u64;
+            self.made_dead_letters(&dead, &mut summary);
             self.signals.drained.notify_one();
+            // What this batch created may be what a waiting change needs.
+            if waiting.next_due().is_some_and(|due| due <= std::time::Instant::now()) {
+                let dead = waiting.retry(pipeline, sink, &mut summary, false).await?;
+                self.made_dead_letters(&dead, &mut summary);
+            }
         }
+    }
+
+    fn made_dead_letters(&self, dead: &[DeadLetter], summary: &mut Summary) {
+        self.signals.dead_letters.set(self.signals.dead_letters.get() + dead.len() as u64);
+        report_dead(self.report, dead, summary);
     }
 }
 

@@ -8,6 +8,7 @@ mod driver;
 mod reconcile;
 mod reload;
 mod replay;
+mod waiting;
 
 pub use driver::{AdminPart, Options, run};
 pub use reconcile::Reconcile;
@@ -54,6 +55,9 @@ pub struct Summary {
     pub skipped_stages: u64,
     /// Changes older than what the target already had (the ledger): skipped.
     pub stale: u64,
+    /// Changes that found something they need missing in a target and
+    /// waited for it (each time they did).
+    pub waited: u64,
     pub dead_letters: u64,
     /// Second reads of things and certificates from the source (see `Options::recheck_after`).
     pub rechecks: u64,
@@ -78,6 +82,7 @@ impl Summary {
         self.not_replicated += other.not_replicated;
         self.skipped_stages += other.skipped_stages;
         self.stale += other.stale;
+        self.waited += other.waited;
         self.dead_letters += other.dead_letters;
         self.rechecks += other.rechecks;
         self.deferred_reads += other.deferred_reads;
@@ -85,7 +90,9 @@ impl Summary {
 }
 
 /// Runs decoded events through the stages from `first_stage` on, plans them
-/// and applies them; returns the dead letters of the batch.
+/// and applies them; returns the dead letters of the batch. A change that
+/// finds something it needs missing in its region goes to `waiting` (as the
+/// letter it would become), or, without one, is a dead letter too.
 pub async fn apply_events<S: Sink>(
     config: &config::Pipeline,
     pipeline: &mut Pipeline,
@@ -93,6 +100,7 @@ pub async fn apply_events<S: Sink>(
     first_stage: usize,
     events: Vec<Event>,
     summary: &mut Summary,
+    mut waiting: Option<&mut Vec<DeadLetter>>,
 ) -> Result<Vec<DeadLetter>, RunError> {
     let mut dead = Vec::new();
     let processed = pipeline.process_from(first_stage, events)?;
@@ -139,11 +147,15 @@ pub async fn apply_events<S: Sink>(
                 }
             }
             JobResult::Stale => summary.stale += 1,
-            JobResult::Failed(reason) => {
-                let mut event = job.event;
+            JobResult::Waiting(reason) if waiting.is_some() => {
+                summary.waited += 1;
+                let letter = DeadLetter::for_event(Step::Apply, format!("{}: {reason}", job.region), job.into_region());
+                waiting.as_mut().expect("checked").push(letter);
+            }
+            JobResult::Failed(reason) | JobResult::Waiting(reason) => {
                 // A replay retries this region only; the others have it.
-                event.targets = vec![job.region.clone()];
-                dead.push(DeadLetter::for_event(Step::Apply, format!("{}: {reason}", job.region), event));
+                let letter = DeadLetter::for_event(Step::Apply, format!("{}: {reason}", job.region), job.into_region());
+                dead.push(letter);
             }
         }
     }

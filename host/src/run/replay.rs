@@ -82,7 +82,7 @@ pub async fn replay<S: Sink>(
         } else {
             (vec![event], Vec::new())
         };
-        dead.extend(apply_events(config, pipeline, sink, first_stage, events, &mut report.summary).await?);
+        dead.extend(apply_events(config, pipeline, sink, first_stage, events, &mut report.summary, None).await?);
         store.replace_dead_letter(stored.id, &dead)?;
         if dead.is_empty() {
             report.replayed += 1;

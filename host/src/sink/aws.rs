@@ -100,6 +100,7 @@ impl Sink for AwsSink {
                         Ok(Applied::Done) => JobResult::Applied,
                         Ok(Applied::Stale) => JobResult::Stale,
                         Err(ApplyError::State(e)) => return Err(SinkError::State(e.to_string())),
+                        Err(e) if e.is_missing_dependency() => JobResult::Waiting(e.to_string()),
                         Err(e) => JobResult::Failed(e.to_string()),
                     });
                 }

@@ -25,6 +25,14 @@ pub struct Job {
     pub calls: Vec<Call>,
 }
 
+impl Job {
+    /// The event for this job's region alone: what a dead letter keeps, since
+    /// a replay retries this region only (the others have it).
+    pub fn into_region(self) -> Event {
+        Event { targets: vec![self.region], ..self.event }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub enum JobResult {
     Applied,
@@ -32,6 +40,9 @@ pub enum JobResult {
     Stale,
     /// The change could not be made; the reason names the operation and the error.
     Failed(String),
+    /// Something the change needs is missing in the region (a thing, type,
+    /// group, policy or certificate): it may arrive later. The reason says what.
+    Waiting(String),
 }
 
 pub trait Sink {

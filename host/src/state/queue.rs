@@ -9,6 +9,7 @@
 
 use super::DeadLetter;
 use super::store::{StateError, StateStore, insert_dead_letter};
+use super::waiting::insert_waiting;
 use crate::event::Event;
 use rusqlite::{OptionalExtension, params};
 use std::collections::BTreeMap;
@@ -123,12 +124,16 @@ impl StateStore {
     }
 
     /// The queued events up to `through` are done: removes them and stores
-    /// their dead letters, in one transaction.
-    pub fn applied(&self, through: i64, dead_letters: &[DeadLetter]) -> Result<(), StateError> {
+    /// their dead letters and their changes that wait for something they
+    /// need (see `waiting.rs`), in one transaction.
+    pub fn applied(&self, through: i64, dead_letters: &[DeadLetter], waiting: &[DeadLetter]) -> Result<(), StateError> {
         self.with(|c| {
             let tx = c.unchecked_transaction()?;
             for letter in dead_letters {
                 insert_dead_letter(&tx, letter)?;
+            }
+            for letter in waiting {
+                insert_waiting(&tx, letter)?;
             }
             tx.execute("DELETE FROM queue WHERE seq <= ?1", [through])?;
             tx.commit()
@@ -242,7 +247,7 @@ mod tests {
         let first = store.queued(0, 3).unwrap();
         assert_eq!(first.iter().map(|(_, e)| e.name.as_str()).collect::<Vec<_>>(), ["t0", "t1", "t2"]);
         let failed = DeadLetter::for_event(Step::Apply, "refused", events[1].clone());
-        store.applied(first[2].0, &[failed]).unwrap();
+        store.applied(first[2].0, &[failed], &[]).unwrap();
         assert_eq!(store.queue_len().unwrap(), 2);
         assert_eq!(store.dead_letters().unwrap().len(), 2);
         let rest = store.queued(0, 10).unwrap();

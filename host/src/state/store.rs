@@ -128,6 +128,12 @@ CREATE TABLE IF NOT EXISTS thing_attributes (
     name TEXT PRIMARY KEY,
     attributes TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS waiting (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    since_ms INTEGER NOT NULL,
+    letter TEXT NOT NULL,
+    fingerprint TEXT NOT NULL UNIQUE
+);
 CREATE TABLE IF NOT EXISTS rechecks (
     kind TEXT NOT NULL,
     name TEXT NOT NULL,
@@ -509,7 +515,7 @@ pub(super) fn insert_dead_letter(c: &Connection, letter: &DeadLetter) -> rusqlit
 
 /// A stored letter. Letters written before steps were typed name theirs in
 /// `stage` alone: the host's own steps by name, anything else a stage.
-fn read_letter(json: &str) -> serde_json::Result<DeadLetter> {
+pub(super) fn read_letter(json: &str) -> serde_json::Result<DeadLetter> {
     let mut value: serde_json::Value = serde_json::from_str(json)?;
     if let Some(object) = value.as_object_mut()
         && !object.contains_key("step")

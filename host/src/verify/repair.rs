@@ -58,7 +58,7 @@ pub async fn repair<S: Sink>(
     }
     // Past the last stage: these went through the stages already, or are the target's own.
     let past_stages = pipeline.stage_names().count();
-    let dead = apply_events(config, pipeline, sink, past_stages, events, &mut repaired.summary).await?;
+    let dead = apply_events(config, pipeline, sink, past_stages, events, &mut repaired.summary, None).await?;
     for letter in &dead {
         state.add_dead_letter(letter)?;
     }
@@ -82,7 +82,7 @@ pub async fn sync_drift<S: Sink>(
     let mut events = events.into_iter().peekable();
     while events.peek().is_some() {
         let batch: Vec<Event> = events.by_ref().take(config.batch_size).collect();
-        let dead = apply_events(config, pipeline, sink, 0, batch, &mut summary).await?;
+        let dead = apply_events(config, pipeline, sink, 0, batch, &mut summary, None).await?;
         for letter in &dead {
             state.add_dead_letter(letter)?;
         }
