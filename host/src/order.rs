@@ -55,6 +55,24 @@ pub fn dependencies(event: &Event) -> Vec<String> {
     keys
 }
 
+/// The ordering keys of what `event` needs to exist in the target: its
+/// dependencies, and its own key when the event is not about what that key
+/// names (a shadow or a membership needs `thing/<name>`).
+pub fn needs(event: &Event) -> Vec<String> {
+    let own = event.ordering_key();
+    let mut keys = dependencies(event);
+    if maker(&own) != Some(event.entity) {
+        keys.push(own);
+    }
+    keys
+}
+
+/// The ordering key `event` creates, when it is a creation.
+pub fn creates(event: &Event) -> Option<String> {
+    let own = event.ordering_key();
+    (event.operation == Operation::Created && maker(&own) == Some(event.entity)).then_some(own)
+}
+
 /// A level per change: every change of level n may run once all changes of
 /// lower levels are done, concurrently with the rest of level n. `changes`
 /// are (region, event) in source order; regions never wait for each other.
@@ -134,9 +152,8 @@ fn creations_first(changes: &[(&str, &Event)]) -> Vec<usize> {
         }
     };
     for (index, (region, event)) in changes.iter().enumerate() {
-        let own = event.ordering_key();
-        let needed = std::iter::once(own.clone()).filter(|own| !makes(event, own)).chain(dependencies(event));
-        let after = needed
+        let after = needs(event)
+            .into_iter()
             .filter_map(|key| first_made.get(&(*region, key)).copied())
             .filter(|&made| made > index && changes[made].1.operation == Operation::Created)
             .max();
@@ -212,6 +229,21 @@ mod tests {
         // pump-1: created 0, reports 1 and 2, updated 3. berlin waits for europe (0), the membership for berlin.
         // pump-3: report 0, deleted 1, created again 2.
         assert_eq!(levels, vec![1, 2, 2, 0, 1, 0, 3, 0, 1, 2]);
+    }
+
+    #[test]
+    fn what_a_change_needs_and_what_a_creation_makes() {
+        let shadow = event(Entity::Shadow, "pump-1", &[]);
+        let member = event(Entity::ThingGroupMembership, "pump-1", &[("thing-group", "berlin")]);
+        let thing = event(Entity::Thing, "pump-1", &[("thing-type", "sensor")]);
+        assert_eq!(needs(&shadow), ["thing/pump-1"]);
+        assert_eq!(needs(&member), ["thing-group/berlin", "thing/pump-1"]);
+        assert_eq!(needs(&thing), ["thing-type/sensor"]);
+        assert_eq!(creates(&thing).as_deref(), Some("thing/pump-1"));
+        assert_eq!(creates(&shadow), None, "a shadow is not its thing");
+        let mut updated = thing.clone();
+        updated.operation = Operation::Updated;
+        assert_eq!(creates(&updated), None);
     }
 
     fn levels_of(events: &[Event], regions: &[&'static str]) -> Vec<usize> {

@@ -27,6 +27,7 @@ use crate::config;
 use crate::context::ThingContext;
 use crate::event::now_ms;
 use crate::event::{Entity, Event, Operation, decode_line, related};
+use crate::order;
 use crate::pipeline::Pipeline;
 use crate::sink::Sink;
 use crate::source::Source;
@@ -494,6 +495,8 @@ impl Apply<'_> {
             };
             let events: Vec<Event> = queued.into_iter().map(|(_, event)| event).collect();
             let source_times: Vec<u64> = events.iter().map(|e| e.timestamp_ms).filter(|&ms| ms > 0).collect();
+            // What the batch may create (a stage may drop one: a waiting change is then tried for nothing).
+            let creations: Vec<String> = events.iter().filter_map(order::creates).collect();
             // A halt leaves the batch in the queue: the next run applies it first.
             let count = events.len();
             let changes = summary.changes;
@@ -522,6 +525,7 @@ impl Apply<'_> {
             self.made_dead_letters(&dead, &mut summary);
             self.signals.drained.notify_one();
             // What this batch created may be what a waiting change needs.
+            waiting.arrived(&creations);
             if waiting.next_due().is_some_and(|due| due <= std::time::Instant::now()) {
                 let dead = waiting.retry(pipeline, sink, &mut summary, false).await?;
                 self.made_dead_letters(&dead, &mut summary);

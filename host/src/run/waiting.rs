@@ -1,10 +1,12 @@
 //! The run's side of the changes waiting for something they need in a
-//! target region (stored by `state/waiting.rs`): each is tried again once
-//! its pause is over (pauses start at `apply.dependency_pause_ms` and
-//! double, up to [`MAX_PAUSE`]), until it goes through, fails otherwise,
-//! or its wait is over: `apply.dependency_deadline_ms` after it began, or
-//! when a run that stops once idle has nothing more to apply. Then it is a
-//! dead letter.
+//! target region (stored by `state/waiting.rs`). A change is tried again as
+//! soon as a batch (or another waiting change) creates what it needs, and
+//! otherwise once its pause is over: pauses start at
+//! `apply.dependency_pause_ms` and double, up to [`MAX_PAUSE`], for what
+//! arrives from elsewhere (made in the target by other means). It waits
+//! until it goes through, fails otherwise, or its wait is over:
+//! `apply.dependency_deadline_ms` after it began, or when a run that stops
+//! once idle has nothing more to apply. Then it is a dead letter.
 //!
 //! Trying an older change after newer ones of its entity went through is
 //! safe: the ledger finds it stale, and it goes.
@@ -12,31 +14,41 @@
 use super::{RunError, Summary, apply_events};
 use crate::config;
 use crate::event::now_ms;
+use crate::order;
 use crate::pipeline::Pipeline;
 use crate::sink::Sink;
 use crate::state::{DeadLetter, StateStore};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
-/// The longest pause between two tries of a waiting change.
-pub const MAX_PAUSE: Duration = Duration::from_secs(30);
+/// The longest pause between two tries of a waiting change whose need
+/// nothing iotdr applied has created.
+pub const MAX_PAUSE: Duration = Duration::from_secs(300);
 
 /// A pause never shorter than this, so a zero `dependency_pause_ms` does not spin.
 const MIN_PAUSE: Duration = Duration::from_millis(50);
 
+/// A stored waiting change, as the run tracks it.
+struct Pending {
+    /// The pause before its next try, and when that is due.
+    pause: Duration,
+    at: Instant,
+    /// What it needs in its region (ordering keys, see `order::needs`).
+    needs: Vec<String>,
+}
+
 pub(super) struct Waiting<'a> {
     config: &'a config::Pipeline,
     store: &'a StateStore,
-    /// Per stored change: the pause before its next try, and when that is
-    /// due. Kept in memory: after a restart, every change is tried at once.
-    due: HashMap<i64, (Duration, Instant)>,
-    /// Changes were stored that `due` does not know yet.
+    /// Per stored id. Kept in memory: after a restart, every change is tried at once.
+    pending: HashMap<i64, Pending>,
+    /// Changes were stored that `pending` does not know yet.
     unseen: bool,
 }
 
 impl<'a> Waiting<'a> {
     pub fn new(config: &'a config::Pipeline, store: &'a StateStore) -> Result<Self, RunError> {
-        Ok(Waiting { config, store, due: HashMap::new(), unseen: store.waiting_count()? > 0 })
+        Ok(Waiting { config, store, pending: HashMap::new(), unseen: store.waiting_count()? > 0 })
     }
 
     /// Changes of a batch began to wait (they are stored with it).
@@ -44,9 +56,24 @@ impl<'a> Waiting<'a> {
         self.unseen = true;
     }
 
+    /// A batch applied the creations of `created` (ordering keys, see
+    /// `order::creates`): a waiting change that needs one (in any region) is
+    /// due at once.
+    pub fn arrived(&mut self, created: &[String]) {
+        if created.is_empty() {
+            return;
+        }
+        let now = Instant::now();
+        for pending in self.pending.values_mut() {
+            if pending.needs.iter().any(|key| created.contains(key)) {
+                pending.at = pending.at.min(now);
+            }
+        }
+    }
+
     /// When a waiting change is due to be tried; `None` when none waits.
     pub fn next_due(&self) -> Option<Instant> {
-        let known = self.due.values().map(|&(_, at)| at).min();
+        let known = self.pending.values().map(|p| p.at).min();
         if self.unseen { Some(Instant::now()) } else { known }
     }
 
@@ -64,15 +91,19 @@ impl<'a> Waiting<'a> {
         let first_pause = self.config.apply.dependency_pause.max(MIN_PAUSE);
         let stored = self.store.waiting()?;
         self.unseen = false;
-        let ids: std::collections::HashSet<i64> = stored.iter().map(|s| s.id).collect();
-        self.due.retain(|id, _| ids.contains(id));
+        let ids: HashSet<i64> = stored.iter().map(|s| s.id).collect();
+        self.pending.retain(|id, _| ids.contains(id));
         let mut made = Vec::new();
         let mut tries = 0;
         // A change already waiting is tried at its time; one just stored, a pause after now.
         for entry in stored {
-            let (pause, at) = *self.due.entry(entry.id).or_insert((first_pause, now + first_pause));
+            let pending = self.pending.entry(entry.id).or_insert_with(|| Pending {
+                pause: first_pause,
+                at: now + first_pause,
+                needs: entry.letter.event.as_ref().map(order::needs).unwrap_or_default(),
+            });
             // A round tries a batch's worth at most: the queue is not held back long.
-            if (at > now || tries == self.config.batch_size) && !ending {
+            if (pending.at > Instant::now() || tries == self.config.batch_size) && !ending {
                 continue;
             }
             tries += 1;
@@ -81,6 +112,7 @@ impl<'a> Waiting<'a> {
                 self.store.settle_waiting(entry.id, None, &[entry.letter])?;
                 continue;
             };
+            let creates = order::creates(&event);
             let mut tried = Summary::default();
             let mut still = Vec::new();
             // Past the stages and planned for its one region: it re-enters at the sink.
@@ -89,6 +121,7 @@ impl<'a> Waiting<'a> {
                     .await?;
             // Counted once, when the change began to wait.
             tried.waited = 0;
+            let went_through = tried.changes > 0;
             summary.add(tried);
             let waits = match still.pop() {
                 Some(mut letter) => {
@@ -112,12 +145,17 @@ impl<'a> Waiting<'a> {
             self.store.settle_waiting(entry.id, waits.as_ref(), &dead)?;
             match waits {
                 Some(_) => {
-                    let pause = (pause * 2).min(MAX_PAUSE);
-                    self.due.insert(entry.id, (pause, Instant::now() + pause));
+                    let pending = self.pending.get_mut(&entry.id).expect("inserted above");
+                    pending.pause = (pending.pause * 2).min(MAX_PAUSE);
+                    pending.at = Instant::now() + pending.pause;
                 }
                 None => {
-                    self.due.remove(&entry.id);
+                    self.pending.remove(&entry.id);
                 }
+            }
+            // What it created may be what a later waiting change needs: that one is tried in this round.
+            if went_through && let Some(key) = creates {
+                self.arrived(&[key]);
             }
             made.extend(dead);
         }
