@@ -103,7 +103,16 @@ impl Applier {
                         Target::Missing => attempt.expected = None,
                     }
                 }
-                Err(e) => return Err(e),
+                Err(e) => {
+                    // Refused (the thing missing, a bad request): not made. Left
+                    // in flight, its next try would wait for it to land.
+                    if (is(&e, ErrorKind::NotFound) || is(&e, ErrorKind::Permanent))
+                        && !attempt.lock().expect("attempt").uncertain
+                    {
+                        self.state.clear_in_flight(region, &key)?;
+                    }
+                    return Err(e);
+                }
             }
         };
         self.note_version(region, &key, made)?;
