@@ -288,12 +288,15 @@ async fn a_change_that_comes_before_what_it_needs_waits_for_it() {
                     "accountId": "111122223333" }),
         )
     };
-    // Times as the source made them (the thing and group first), in the order they arrived.
+    // Times as the source made them (the thing and group first), in the
+    // order they arrived, two to a batch: the first report waits, and the
+    // second, in the thing's batch, must not overtake it (each carries only
+    // what changed: the first would be stale, its `rpm` lost).
     let events = vec![
         shadow_event("late-1", None, 1, json!({ "reported": { "rpm": 900 } })),
         membership("late-1", "late-group", 3),
-        shadow_event("late-1", None, 2, json!({ "reported": { "rpm": 1200 } })),
         thing_event("CREATED", "late-1", None, json!({ "site": "porto" }), 1),
+        shadow_event("late-1", None, 2, json!({ "reported": { "temperature": 20 } })),
         record(
             "$aws/events/thingGroup/late-group/created",
             json!({ "eventType": "THING_GROUP_EVENT", "eventId": "g-late", "timestamp": 2, "operation": "CREATED",
@@ -303,9 +306,8 @@ async fn a_change_that_comes_before_what_it_needs_waits_for_it() {
         thing_event("CREATED", "orphan-2", Some("never-type"), json!({}), 4),
     ];
     let test = pipeline(&moto, &events, "");
-    // One event per batch: nothing a change needs is in its own batch.
     let text =
-        std::fs::read_to_string(&test.pipeline).unwrap().replace("name = \"test\"", "name = \"test\"\nbatch_size = 1");
+        std::fs::read_to_string(&test.pipeline).unwrap().replace("name = \"test\"", "name = \"test\"\nbatch_size = 2");
     std::fs::write(&test.pipeline, text).unwrap();
     let summary = run(&moto, &test);
     assert_eq!(summary["run"]["dead_letters"], 1, "only the orphan: {summary}");
@@ -315,7 +317,7 @@ async fn a_change_that_comes_before_what_it_needs_waits_for_it() {
     let late = &state["things"]["late-1"];
     assert_eq!(late["groups"], json!(["late-group"]), "{state}");
     assert_eq!(late["attributes"], json!({ "site": "porto" }));
-    assert_eq!(late["shadows"]["classic"]["state"]["reported"]["rpm"], 1200, "{state}");
+    assert_eq!(late["shadows"]["classic"]["state"]["reported"], json!({ "rpm": 900, "temperature": 20 }), "{state}");
     assert!(state["things"].get("orphan-2").is_none());
     let out = iotdr(&moto, test.dir.path(), &["dead-letters", "list", test.pipeline.to_str().unwrap()]);
     let letters: Vec<Value> =

@@ -128,8 +128,8 @@ fn maker(key: &str) -> Option<Entity> {
 /// The changes' indices in the order they are leveled: source order, except
 /// that a change needing something (its own key's entity, or a dependency)
 /// whose first change in the batch comes later and is its creation goes
-/// right after that creation. Changes of one entity need the same things,
-/// so they keep their order.
+/// right after that creation, and so do the later changes of its key: the
+/// changes of one key keep their order.
 fn creations_first(changes: &[(&str, &Event)]) -> Vec<usize> {
     let makes = |event: &Event, key: &str| maker(key) == Some(event.entity);
     // Where each (region, key) is first changed by what makes it.
@@ -151,14 +151,25 @@ fn creations_first(changes: &[(&str, &Event)]) -> Vec<usize> {
             stack.extend(waiting.remove(&index).unwrap_or_default().into_iter().rev());
         }
     };
+    // Per (region, own key), the creation its held changes follow: the
+    // later changes of that key follow it too, so that none overtakes them
+    // (a thing's type association does not need its thing's type, but must
+    // not pass the thing's held update).
+    let mut held: HashMap<(&str, String), usize> = HashMap::new();
     for (index, (region, event)) in changes.iter().enumerate() {
+        let own = (*region, event.ordering_key());
         let after = needs(event)
             .into_iter()
             .filter_map(|key| first_made.get(&(*region, key)).copied())
-            .filter(|&made| made > index && changes[made].1.operation == Operation::Created)
+            .filter(|&made| changes[made].1.operation == Operation::Created)
+            .chain(held.get(&own).copied())
+            .filter(|&made| made > index)
             .max();
         match after {
-            Some(made) => waiting.entry(made).or_default().push(index),
+            Some(made) => {
+                held.insert(own, made);
+                waiting.entry(made).or_default().push(index);
+            }
             None => emit(index, &mut order, &mut waiting),
         }
     }
@@ -229,6 +240,17 @@ mod tests {
         // pump-1: created 0, reports 1 and 2, updated 3. berlin waits for europe (0), the membership for berlin.
         // pump-3: report 0, deleted 1, created again 2.
         assert_eq!(levels, vec![1, 2, 2, 0, 1, 0, 3, 0, 1, 2]);
+    }
+
+    #[test]
+    fn the_later_changes_of_a_held_key_follow_the_same_creation() {
+        let events = [
+            event(Entity::Thing, "pump-1", &[("thing-type", "sensor")]),
+            // Needs pump-1, created before it: but pump-1's creation is held behind its type.
+            event(Entity::Shadow, "pump-1", &[]),
+            event(Entity::ThingType, "sensor", &[]),
+        ];
+        assert_eq!(levels(events.iter().map(|e| ("eu-west-1", e))), vec![1, 2, 0]);
     }
 
     #[test]

@@ -417,7 +417,10 @@ impl Applier {
             }
             "DeleteThingGroup" => {
                 let group = text(call, "thingGroupName")?;
-                send!(self, region, "DeleteThingGroup", c.iot.delete_thing_group().thing_group_name(group))?;
+                ok_if_not_found(
+                    send!(self, region, "DeleteThingGroup", c.iot.delete_thing_group().thing_group_name(group))
+                        .map(drop),
+                )?;
                 self.state.forget(region, known::THING_GROUP, group)?;
                 Ok(())
             }

@@ -20,7 +20,7 @@
 
 use super::reconcile::Reconcile;
 use super::reload::Reload;
-use super::waiting::Waiting;
+use super::waiting::{Round, Waiting};
 use super::{RunError, Summary, apply_events};
 use crate::aws::{ReadPlan, SourceFetcher};
 use crate::config;
@@ -472,10 +472,18 @@ impl Apply<'_> {
             let queued = self.store.queued(0, self.config.batch_size)?;
             let Some(&(through, _)) = queued.last() else {
                 if done {
-                    // Nothing more will come: what still waits never will arrive.
+                    // Nothing more will come: what waits goes through now (one
+                    // change may create what another needs), or never will.
                     if waiting.next_due().is_some() {
-                        let dead = waiting.retry(pipeline, sink, &mut summary, true).await?;
-                        self.made_dead_letters(&dead, &mut summary);
+                        loop {
+                            let tried = waiting.retry(pipeline, sink, &mut summary, Round::Ending).await?;
+                            self.made_dead_letters(&tried.dead, &mut summary);
+                            if tried.settled == 0 {
+                                break;
+                            }
+                        }
+                        let tried = waiting.retry(pipeline, sink, &mut summary, Round::Last).await?;
+                        self.made_dead_letters(&tried.dead, &mut summary);
                     }
                     return Ok(summary);
                 }
@@ -484,8 +492,8 @@ impl Apply<'_> {
                         tokio::select! {
                             () = self.signals.queued.notified() => {}
                             () = tokio::time::sleep_until(due.into()) => {
-                                let dead = waiting.retry(pipeline, sink, &mut summary, false).await?;
-                                self.made_dead_letters(&dead, &mut summary);
+                                let tried = waiting.retry(pipeline, sink, &mut summary, Round::Due).await?;
+                                self.made_dead_letters(&tried.dead, &mut summary);
                             }
                         }
                     }
@@ -501,11 +509,10 @@ impl Apply<'_> {
             let count = events.len();
             let changes = summary.changes;
             let mut waits = Vec::new();
-            let dead = apply_events(self.config, pipeline, sink, 0, events, &mut summary, Some(&mut waits)).await?;
+            let parking = waiting.parking(&mut waits);
+            let dead = apply_events(self.config, pipeline, sink, 0, events, &mut summary, Some(parking)).await?;
             self.store.applied(through, &dead, &waits)?;
-            if !waits.is_empty() {
-                waiting.added();
-            }
+            waiting.added(&waits);
             let lag_ms = self.signals.lag.observe_since(&source_times, crate::event::now_ms());
             if lag_ms.is_some() {
                 self.signals.last_lag_ms.set(lag_ms);
@@ -527,8 +534,8 @@ impl Apply<'_> {
             // What this batch created may be what a waiting change needs.
             waiting.arrived(&creations);
             if waiting.next_due().is_some_and(|due| due <= std::time::Instant::now()) {
-                let dead = waiting.retry(pipeline, sink, &mut summary, false).await?;
-                self.made_dead_letters(&dead, &mut summary);
+                let tried = waiting.retry(pipeline, sink, &mut summary, Round::Due).await?;
+                self.made_dead_letters(&tried.dead, &mut summary);
             }
         }
     }

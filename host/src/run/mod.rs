@@ -23,7 +23,7 @@ use crate::sink::{Job, JobResult, Sink, SinkError};
 use crate::source::SourceError;
 use crate::state::{DeadLetter, StateError, Step};
 use serde::Serialize;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
@@ -89,9 +89,25 @@ impl Summary {
     }
 }
 
+/// Where a run puts the changes that wait for something they need in a target.
+pub struct Parking<'a> {
+    /// (region, ledger key) of the changes waiting already: a later change
+    /// of the same key waits behind them instead of overtaking them (a
+    /// shadow report carries only what changed: the older one, applied
+    /// after, would be stale, and what it changed lost).
+    pub held: &'a HashSet<(String, String)>,
+    /// The changes that began to wait, as the letters they would become.
+    pub waits: &'a mut Vec<DeadLetter>,
+}
+
+/// The (region, ledger key) a change holds while it waits.
+pub fn held_key(event: &Event, region: &str) -> Option<(String, String)> {
+    crate::state::ledger::Position::of(event).map(|position| (region.to_string(), position.key))
+}
+
 /// Runs decoded events through the stages from `first_stage` on, plans them
 /// and applies them; returns the dead letters of the batch. A change that
-/// finds something it needs missing in its region goes to `waiting` (as the
+/// finds something it needs missing in its region goes to `parking` (as the
 /// letter it would become), or, without one, is a dead letter too.
 pub async fn apply_events<S: Sink>(
     config: &config::Pipeline,
@@ -100,7 +116,7 @@ pub async fn apply_events<S: Sink>(
     first_stage: usize,
     events: Vec<Event>,
     summary: &mut Summary,
-    mut waiting: Option<&mut Vec<DeadLetter>>,
+    mut parking: Option<Parking<'_>>,
 ) -> Result<Vec<DeadLetter>, RunError> {
     let mut dead = Vec::new();
     let processed = pipeline.process_from(first_stage, events)?;
@@ -127,6 +143,14 @@ pub async fn apply_events<S: Sink>(
                 dead.push(DeadLetter::for_event(Step::Plan, reason, for_region(&event, region)));
                 continue;
             }
+            if let Some(parking) = parking.as_mut()
+                && held_key(&event, region).is_some_and(|key| parking.held.contains(&key))
+            {
+                summary.waited += 1;
+                let reason = format!("{region}: behind an earlier change of the same entity that waits");
+                parking.waits.push(DeadLetter::for_event(Step::Apply, reason, for_region(&event, region)));
+                continue;
+            }
             match plan(&event, region) {
                 Ok(calls) => jobs.push(Job { event: event.clone(), region: region.clone(), calls }),
                 Err(e) => {
@@ -147,10 +171,10 @@ pub async fn apply_events<S: Sink>(
                 }
             }
             JobResult::Stale => summary.stale += 1,
-            JobResult::Waiting(reason) if waiting.is_some() => {
+            JobResult::Waiting(reason) if parking.is_some() => {
                 summary.waited += 1;
                 let letter = DeadLetter::for_event(Step::Apply, format!("{}: {reason}", job.region), job.into_region());
-                waiting.as_mut().expect("checked").push(letter);
+                parking.as_mut().expect("checked").waits.push(letter);
             }
             JobResult::Failed(reason) | JobResult::Waiting(reason) => {
                 // A replay retries this region only; the others have it.

@@ -7,6 +7,7 @@ use crate::aws::{
 };
 use crate::config;
 use crate::state::StateStore;
+use crate::state::ledger::Position;
 use futures_util::StreamExt;
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -88,14 +89,28 @@ impl Sink for AwsSink {
         let applier = &self.applier;
         let concurrency = self.concurrency;
         {
+            // (region, ledger key) of the changes that wait: a later change of
+            // the same entity waits behind them instead of overtaking them.
+            let mut held: std::collections::HashSet<(&str, String)> = std::collections::HashSet::new();
+            let key = |job: &Job| Position::of(&job.event).map(|p| p.key);
             for level in 0..=top {
-                let runs = jobs
-                    .iter()
-                    .enumerate()
-                    .filter(|(i, _)| levels[*i] == level)
-                    .map(|(i, job)| async move { (i, applier.apply(&job.event, &job.region, &job.calls).await) });
+                let mut runs = Vec::new();
+                for (i, job) in jobs.iter().enumerate().filter(|(i, _)| levels[*i] == level) {
+                    if key(job).is_some_and(|key| held.contains(&(job.region.as_str(), key))) {
+                        results[i] =
+                            Some(JobResult::Waiting("behind an earlier change of the same entity that waits".into()));
+                        continue;
+                    }
+                    runs.push(async move { (i, applier.apply(&job.event, &job.region, &job.calls).await) });
+                }
                 let mut done = futures_util::stream::iter(runs).buffer_unordered(concurrency);
                 while let Some((index, result)) = done.next().await {
+                    if let Err(e) = &result
+                        && e.is_missing_dependency()
+                        && let Some(key) = key(&jobs[index])
+                    {
+                        held.insert((jobs[index].region.as_str(), key));
+                    }
                     results[index] = Some(match result {
                         Ok(Applied::Done) => JobResult::Applied,
                         Ok(Applied::Stale) => JobResult::Stale,
@@ -106,26 +121,31 @@ impl Sink for AwsSink {
                 }
             }
             if let Some(registry) = &self.registry {
-                record_in_registry(registry, jobs, &mut results, concurrency).await;
+                record_in_registry(registry, jobs, &levels, &mut results, concurrency).await;
             }
         }
         Ok(results.into_iter().map(|r| r.expect("every level ran")).collect())
     }
 }
 
-/// Records every applied event once in the global registry: in source order
-/// per thing, things concurrently. A failure marks the event's first job
-/// failed, so it is dead-lettered (and a replay records it again), and so are
-/// the thing's later events, which must not overtake it.
+/// Records every applied event once in the global registry: per thing in
+/// the order they were applied (source order, but for a change that waited
+/// in its batch for a creation), things concurrently. A failure marks the
+/// event's first job failed, so it is dead-lettered (and a replay records it
+/// again), and so are the thing's later events, which must not overtake it.
 async fn record_in_registry(
     registry: &GlobalRegistry,
     jobs: &[Job],
+    levels: &[usize],
     results: &mut [Option<JobResult>],
     concurrency: usize,
 ) {
     let mut per_thing: Vec<(String, Vec<usize>)> = Vec::new();
     let mut seen = std::collections::HashSet::new();
-    for (index, job) in jobs.iter().enumerate() {
+    let mut applied_order: Vec<usize> = (0..jobs.len()).collect();
+    applied_order.sort_by_key(|&index| (levels[index], index));
+    for index in applied_order {
+        let job = &jobs[index];
         let applied = matches!(results[index], Some(JobResult::Applied));
         if !applied
             || !GlobalRegistry::records(job.event.entity)
