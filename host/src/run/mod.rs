@@ -21,6 +21,7 @@ use crate::pipeline::{Halted, Pipeline};
 use crate::plan::plan;
 use crate::sink::{Job, JobResult, Sink, SinkError};
 use crate::source::SourceError;
+use crate::state::ledger::entity_in;
 use crate::state::{DeadLetter, StateError, Step};
 use serde::Serialize;
 use std::collections::{BTreeMap, HashSet};
@@ -100,11 +101,6 @@ pub struct Parking<'a> {
     pub waits: &'a mut Vec<DeadLetter>,
 }
 
-/// The (region, ledger key) a change holds while it waits.
-pub fn held_key(event: &Event, region: &str) -> Option<(String, String)> {
-    crate::state::ledger::Position::of(event).map(|position| (region.to_string(), position.key))
-}
-
 /// Runs decoded events through the stages from `first_stage` on, plans them
 /// and applies them; returns the dead letters of the batch. A change that
 /// finds something it needs missing in its region goes to `parking` (as the
@@ -144,7 +140,7 @@ pub async fn apply_events<S: Sink>(
                 continue;
             }
             if let Some(parking) = parking.as_mut()
-                && held_key(&event, region).is_some_and(|key| parking.held.contains(&key))
+                && entity_in(&event, region).is_some_and(|key| parking.held.contains(&key))
             {
                 summary.waited += 1;
                 let reason = format!("{region}: behind an earlier change of the same entity that waits");
@@ -171,19 +167,23 @@ pub async fn apply_events<S: Sink>(
                 }
             }
             JobResult::Stale => summary.stale += 1,
-            JobResult::Waiting(reason) if parking.is_some() => {
-                summary.waited += 1;
-                let letter = DeadLetter::for_event(Step::Apply, format!("{}: {reason}", job.region), job.into_region());
-                parking.as_mut().expect("checked").waits.push(letter);
-            }
-            JobResult::Failed(reason) | JobResult::Waiting(reason) => {
-                // A replay retries this region only; the others have it.
-                let letter = DeadLetter::for_event(Step::Apply, format!("{}: {reason}", job.region), job.into_region());
-                dead.push(letter);
-            }
+            JobResult::Failed(reason) => dead.push(apply_letter(reason, job)),
+            JobResult::Waiting(reason) => match parking.as_mut() {
+                Some(parking) => {
+                    summary.waited += 1;
+                    parking.waits.push(apply_letter(reason, job));
+                }
+                None => dead.push(apply_letter(reason, job)),
+            },
         }
     }
     Ok(dead)
+}
+
+/// The letter of a change its region refused (or that waits there): a
+/// replay retries this region only; the others have it.
+fn apply_letter(reason: String, job: Job) -> DeadLetter {
+    DeadLetter::for_event(Step::Apply, format!("{}: {reason}", job.region), job.into_region())
 }
 
 fn for_region(event: &Event, region: &str) -> Event {

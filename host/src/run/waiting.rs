@@ -13,12 +13,13 @@
 //! among the waiting, a round tries none past an older one still waiting).
 //! What overtakes one anyway (after its deadline) is for the ledger.
 
-use super::{Parking, RunError, Summary, apply_events, held_key};
+use super::{Parking, RunError, Summary, apply_events};
 use crate::config;
 use crate::event::{Event, now_ms};
 use crate::order;
 use crate::pipeline::Pipeline;
 use crate::sink::Sink;
+use crate::state::ledger::entity_in;
 use crate::state::{DeadLetter, StateStore};
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
@@ -220,6 +221,7 @@ impl<'a> Waiting<'a> {
     }
 }
 
+/// The entity a waiting change holds, in the one region it waits in.
 fn held_key_of(event: &Event) -> Option<(String, String)> {
-    held_key(event, event.targets.first()?)
+    entity_in(event, event.targets.first()?)
 }

@@ -7,7 +7,7 @@ use crate::aws::{
 };
 use crate::config;
 use crate::state::StateStore;
-use crate::state::ledger::Position;
+use crate::state::ledger::entity_in;
 use futures_util::StreamExt;
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -91,12 +91,12 @@ impl Sink for AwsSink {
         {
             // (region, ledger key) of the changes that wait: a later change of
             // the same entity waits behind them instead of overtaking them.
-            let mut held: std::collections::HashSet<(&str, String)> = std::collections::HashSet::new();
-            let key = |job: &Job| Position::of(&job.event).map(|p| p.key);
+            let mut held = std::collections::HashSet::new();
+            let key = |job: &Job| entity_in(&job.event, &job.region);
             for level in 0..=top {
                 let mut runs = Vec::new();
                 for (i, job) in jobs.iter().enumerate().filter(|(i, _)| levels[*i] == level) {
-                    if key(job).is_some_and(|key| held.contains(&(job.region.as_str(), key))) {
+                    if key(job).is_some_and(|key| held.contains(&key)) {
                         results[i] =
                             Some(JobResult::Waiting("behind an earlier change of the same entity that waits".into()));
                         continue;
@@ -109,7 +109,7 @@ impl Sink for AwsSink {
                         && e.is_missing_dependency()
                         && let Some(key) = key(&jobs[index])
                     {
-                        held.insert((jobs[index].region.as_str(), key));
+                        held.insert(key);
                     }
                     results[index] = Some(match result {
                         Ok(Applied::Done) => JobResult::Applied,

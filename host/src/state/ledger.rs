@@ -93,6 +93,13 @@ impl Position {
 }
 
 /// The ledger key of a shadow (`""` names the classic shadow).
+/// The entity `event` changes in `region`, as (region, ledger key): what
+/// a change waiting for a dependency holds, so that no later change of the
+/// same entity overtakes it.
+pub fn entity_in(event: &Event, region: &str) -> Option<(String, String)> {
+    Position::of(event).map(|position| (region.to_string(), position.key))
+}
+
 pub fn shadow_key(thing: &str, shadow: &str) -> String {
     format!("shadow/{thing}/{shadow}")
 }
